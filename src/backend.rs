@@ -1,0 +1,266 @@
+//! One backend's live state: load, totals and passive health, all in atomics.
+//!
+//! A [`Backend`] is shared (`Arc`) between the strategy table snapshot, the connections that use it and the
+//! handle that reports on it. Nothing here takes a lock: the hot path reads `active` and `down_until`, and a
+//! connection bumps `active` through an [`ActiveGuard`] whose `Drop` gives the count back, so no error path can
+//! leak a count.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::config::PassiveHealth;
+use crate::metrics::BackendMetrics;
+
+/// Milliseconds since a process-wide epoch, never 0 (0 means "not down" in [`Backend::down_until`]).
+pub(crate) fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = EPOCH.get_or_init(Instant::now);
+    epoch.elapsed().as_millis() as u64 + 1
+}
+
+/// A backend and its live counters.
+#[derive(Debug)]
+pub struct Backend {
+    name: Arc<str>,
+    addr: SocketAddr,
+    weight: u32,
+    active: AtomicUsize,
+    total: AtomicU64,
+    connect_failures: AtomicU64,
+    /// Consecutive failed connects; reset by a successful one.
+    consecutive_failures: AtomicU32,
+    /// While `now_ms() < down_until` the backend is skipped by every strategy. 0 when up.
+    down_until: AtomicU64,
+    /// How many times in a row it was marked down: the back-off doubles with each.
+    downs_in_a_row: AtomicU32,
+    /// Sequence number of the last least-connections pick of this backend (ties go to the oldest).
+    pub(crate) last_pick: AtomicU64,
+    pub(crate) metrics: BackendMetrics,
+}
+
+impl Backend {
+    pub(crate) fn new(name: &str, addr: SocketAddr, weight: u32) -> Self {
+        let metrics = BackendMetrics::register(name);
+        metrics.set_up(true);
+        metrics.set_weight(weight);
+        Backend {
+            name: name.into(),
+            addr,
+            weight,
+            active: AtomicUsize::new(0),
+            total: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            down_until: AtomicU64::new(0),
+            downs_in_a_row: AtomicU32::new(0),
+            last_pick: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// The backend as configured (for example `app-1.internal:8080`): the name used in logs and metrics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The resolved address connections go to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The configured weight (1..=256).
+    pub fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    /// Connections open, or being opened, to this backend right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Relaxed)
+    }
+
+    /// True while the backend may be picked: it is not inside a passive-health back-off.
+    #[inline]
+    pub(crate) fn is_available(&self, now_ms: u64) -> bool {
+        let until = self.down_until.load(Relaxed);
+        until == 0 || until <= now_ms
+    }
+
+    /// A point-in-time copy of this backend's counters.
+    pub fn stats(&self) -> BackendStats {
+        let now = now_ms();
+        let until = self.down_until.load(Relaxed);
+        BackendStats {
+            name: self.name.to_string(),
+            addr: self.addr,
+            weight: self.weight,
+            active: self.active(),
+            total: self.total.load(Relaxed),
+            connect_failures: self.connect_failures.load(Relaxed),
+            up: until == 0 || until <= now,
+            down_for: (until > now).then(|| Duration::from_millis(until - now)),
+        }
+    }
+
+    /// Records a successful connect: clears the failure streak and brings the backend back up.
+    pub(crate) fn connect_succeeded(&self) {
+        // Loads first: on a healthy backend this path stays read-only, so cores do not fight over the line.
+        if self.consecutive_failures.load(Relaxed) != 0 {
+            self.consecutive_failures.store(0, Relaxed);
+        }
+        if self.downs_in_a_row.load(Relaxed) != 0 && self.downs_in_a_row.swap(0, Relaxed) != 0 {
+            self.down_until.store(0, Relaxed);
+            self.metrics.set_up(true);
+            tracing::info!(backend = %self.name, addr = %self.addr, "backend is up again");
+        }
+    }
+
+    /// Records a failed connect. After `policy.failure_threshold` failures in a row the backend is marked
+    /// down for a back-off that doubles each time it is marked down again, up to `policy.max_backoff`.
+    /// Returns the back-off when this call marked it down.
+    pub(crate) fn connect_failed(&self, policy: &PassiveHealth) -> Option<Duration> {
+        self.connect_failures.fetch_add(1, Relaxed);
+        let streak = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        if streak < policy.failure_threshold {
+            return None;
+        }
+        let now = now_ms();
+        let until = self.down_until.load(Relaxed);
+        if until > now {
+            return None; // already down: a connect that was in flight when it went down
+        }
+        let downs = self.downs_in_a_row.fetch_add(1, Relaxed);
+        let backoff = policy
+            .backoff
+            .saturating_mul(1u32 << downs.min(16))
+            .min(policy.max_backoff.max(policy.backoff));
+        let new_until = now + backoff.as_millis() as u64;
+        if self
+            .down_until
+            .compare_exchange(until, new_until, Relaxed, Relaxed)
+            .is_err()
+        {
+            return None; // another connection marked it down first
+        }
+        self.metrics.set_up(false);
+        tracing::warn!(
+            backend = %self.name,
+            addr = %self.addr,
+            consecutive_failures = streak,
+            backoff_ms = backoff.as_millis() as u64,
+            "backend marked down"
+        );
+        Some(backoff)
+    }
+}
+
+/// A point-in-time view of one backend, as returned by [`BalancerHandle::backends`](crate::BalancerHandle::backends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendStats {
+    /// The backend as configured.
+    pub name: String,
+    /// The resolved address.
+    pub addr: SocketAddr,
+    /// The configured weight.
+    pub weight: u32,
+    /// Connections open to it now.
+    pub active: usize,
+    /// Connections it has been given (successful connects) since start.
+    pub total: u64,
+    /// Connects to it that failed (refused, timed out or other) since start.
+    pub connect_failures: u64,
+    /// False while it is inside a passive-health back-off.
+    pub up: bool,
+    /// How long the back-off still runs, when down.
+    pub down_for: Option<Duration>,
+}
+
+/// Holds one connection on a backend, from the moment it is picked (so that connects in progress count as
+/// load) until the connection ends; the count goes back down when the guard is dropped.
+#[derive(Debug)]
+pub(crate) struct ActiveGuard {
+    backend: Arc<Backend>,
+}
+
+impl ActiveGuard {
+    pub(crate) fn new(backend: Arc<Backend>) -> Self {
+        backend.active.fetch_add(1, Relaxed);
+        backend.metrics.active_up();
+        ActiveGuard { backend }
+    }
+
+    /// Counts the connection in the backend's totals, once its connect has succeeded.
+    pub(crate) fn connected(&self) {
+        self.backend.total.fetch_add(1, Relaxed);
+        self.backend.metrics.connected();
+    }
+
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.backend.active.fetch_sub(1, Relaxed);
+        self.backend.metrics.active_down();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> PassiveHealth {
+        PassiveHealth {
+            failure_threshold: 3,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(350),
+        }
+    }
+
+    #[test]
+    fn guard_gives_the_count_back() {
+        let b = Arc::new(Backend::new("b", "127.0.0.1:1".parse().unwrap(), 1));
+        {
+            let g1 = ActiveGuard::new(b.clone());
+            let _g2 = ActiveGuard::new(b.clone());
+            g1.connected();
+            assert_eq!(b.active(), 2);
+        }
+        assert_eq!(b.active(), 0, "dropping the guards must release the count");
+        assert_eq!(
+            b.stats().total,
+            1,
+            "only connected guards count in the total"
+        );
+    }
+
+    #[test]
+    fn marked_down_after_threshold_and_backoff_grows() {
+        let b = Backend::new("b", "127.0.0.1:1".parse().unwrap(), 1);
+        let p = policy();
+        assert_eq!(b.connect_failed(&p), None);
+        assert_eq!(b.connect_failed(&p), None);
+        assert_eq!(b.connect_failed(&p), Some(Duration::from_millis(100)));
+        assert!(!b.is_available(now_ms()));
+        // A failure while down changes nothing.
+        assert_eq!(b.connect_failed(&p), None);
+        // Once the back-off is over, a further failure marks it down for twice as long, then capped.
+        b.down_until.store(1, Relaxed);
+        assert!(b.is_available(now_ms()));
+        assert_eq!(b.connect_failed(&p), Some(Duration::from_millis(200)));
+        b.down_until.store(1, Relaxed);
+        assert_eq!(b.connect_failed(&p), Some(Duration::from_millis(350)));
+        // A success brings it straight back and resets the streak.
+        b.connect_succeeded();
+        assert!(b.is_available(now_ms()));
+        assert!(b.stats().up);
+        assert_eq!(
+            b.connect_failed(&p),
+            None,
+            "the streak starts again from zero"
+        );
+    }
+}

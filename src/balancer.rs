@@ -1,0 +1,296 @@
+//! [`TcpBalancer`]: the accept loop, the connection limit and graceful shutdown.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::{now_ms, Backend, BackendStats};
+use crate::config::{BalancerConfig, ConfigError};
+use crate::metrics::GlobalMetrics;
+use crate::strategy::{Selector, Strategy, Table};
+
+/// State shared by the accept loop, every connection task and every handle.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: BalancerConfig,
+    pub(crate) selector: Selector,
+    pub(crate) metrics: GlobalMetrics,
+    /// Fired to stop accepting and begin the drain.
+    shutdown: CancellationToken,
+    /// Fired at the drain deadline: connections still open are closed.
+    pub(crate) hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    limit: Arc<Semaphore>,
+    local_addr: OnceLock<SocketAddr>,
+    last_no_backend_log: AtomicU64,
+}
+
+impl Shared {
+    /// At most one "no backend reachable" warning a second, so that an outage does not flood the log.
+    pub(crate) fn should_log_no_backend(&self) -> bool {
+        let now = now_ms();
+        let last = self.last_no_backend_log.load(Relaxed);
+        now.saturating_sub(last) >= 1000
+            && self
+                .last_no_backend_log
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
+}
+
+/// A Layer-4 TCP load balancer.
+///
+/// Build it from a validated [`BalancerConfig`], take a [`BalancerHandle`] if you want to watch it or stop
+/// it from elsewhere, then [`serve`](TcpBalancer::serve) a bound listener until a shutdown future fires.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use ulb_tcp::{BackendConfig, BalancerConfig, Strategy, TcpBalancer};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = BalancerConfig::new([
+///     BackendConfig::new("127.0.0.1:8081".parse()?),
+///     BackendConfig::new("127.0.0.1:8082".parse()?).with_weight(2),
+/// ])
+/// .strategy(Strategy::LeastConnections)
+/// .connect_timeout(Duration::from_secs(1));
+///
+/// let balancer = TcpBalancer::new(config)?;
+/// let handle = balancer.handle();
+/// let listener = ulb_tcp::bind("127.0.0.1:0".parse()?)?;
+/// println!("listening on {}", listener.local_addr()?);
+///
+/// // Serve until Ctrl-C, then drain connections in flight (up to the drain timeout).
+/// let report = balancer
+///     .serve(listener, async { let _ = tokio::signal::ctrl_c().await; })
+///     .await?;
+/// println!("{} connections were cut at the drain deadline", report.forced);
+/// for b in handle.backends() {
+///     println!("{}: {} connections in total", b.name, b.total);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct TcpBalancer {
+    shared: Arc<Shared>,
+}
+
+/// Reads live state of a running [`TcpBalancer`] and starts its graceful shutdown. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BalancerHandle {
+    shared: Arc<Shared>,
+}
+
+/// What a graceful shutdown did, returned by [`TcpBalancer::serve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still open when accepting stopped.
+    pub in_flight: usize,
+    /// Of those, how many were still open at the drain deadline and were closed.
+    pub forced: usize,
+}
+
+impl TcpBalancer {
+    /// Checks the configuration and builds the strategy table. Install a metrics recorder first if you
+    /// want metrics (see [`crate::metrics`]).
+    pub fn new(config: BalancerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| Arc::new(Backend::new(&b.name, b.addr, b.weight)))
+            .collect();
+        let seed = config.seed.unwrap_or_else(rand::random);
+        let selector = Selector::new(Table::new(backends), config.strategy, seed);
+        let limit = Arc::new(Semaphore::new(config.max_connections));
+        let shared = Shared {
+            config,
+            selector,
+            metrics: GlobalMetrics::register(),
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            limit,
+            local_addr: OnceLock::new(),
+            last_no_backend_log: AtomicU64::new(0),
+        };
+        Ok(TcpBalancer {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// A handle for stats and shutdown.
+    pub fn handle(&self) -> BalancerHandle {
+        BalancerHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &BalancerConfig {
+        &self.shared.config
+    }
+
+    /// Accepts and carries connections on `listener` until `shutdown` completes or
+    /// [`BalancerHandle::shutdown`] is called; then stops accepting at once (the listener is closed, so new
+    /// connects are refused), waits for connections in flight up to the drain timeout, closes what is
+    /// left, and returns.
+    ///
+    /// Errors from `accept()` never end this loop: it backs off briefly and goes on.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<ShutdownReport> {
+        let shared = self.shared;
+        let addr = listener.local_addr()?;
+        let _ = shared.local_addr.set(addr);
+        tracing::info!(
+            listen = %addr,
+            strategy = %shared.selector.strategy(),
+            backends = shared.config.backends.len(),
+            max_connections = shared.config.max_connections,
+            "balancer accepting connections"
+        );
+
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = accept_loop(&shared, &listener) => {}
+            () = &mut shutdown => {}
+            () = shared.shutdown.cancelled() => {}
+        }
+        drop(listener);
+        shared.shutdown.cancel();
+        shared.tracker.close();
+
+        let in_flight = shared.tracker.len();
+        let drain = shared.config.drain_timeout;
+        tracing::info!(in_flight, drain_timeout = ?drain, "stopped accepting; draining connections");
+        let mut forced = 0;
+        if tokio::time::timeout(drain, shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            forced = shared.tracker.len();
+            tracing::warn!(
+                forced,
+                "drain deadline passed; closing the connections still open"
+            );
+            shared.hard_stop.cancel();
+            shared.tracker.wait().await;
+        }
+        tracing::info!(in_flight, forced, "balancer stopped");
+        Ok(ShutdownReport { in_flight, forced })
+    }
+}
+
+/// Never returns: shutdown is handled by the caller's `select!`, which drops this future.
+async fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
+    let mut backoff = Duration::ZERO;
+    loop {
+        // At the limit, wait here: new clients queue in the kernel's backlog rather than being accepted
+        // and starved.
+        let Ok(permit) = shared.limit.clone().acquire_owned().await else {
+            return; // the semaphore is never closed
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                backoff = Duration::ZERO;
+                shared.tracker.spawn(crate::proxy::serve_connection(
+                    shared.clone(),
+                    stream,
+                    peer,
+                    permit,
+                ));
+            }
+            Err(e) => {
+                shared.metrics.accept_errors.increment(1);
+                if is_per_connection(&e) {
+                    tracing::debug!(error = %e, "accept failed for one connection");
+                    continue;
+                }
+                // EMFILE, ENFILE, ENOBUFS, ENOMEM: resources run out. Pause so that connections in flight
+                // can finish and free them; never spin, never exit.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
+                drop(permit);
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}
+
+/// Errors that concern only the connection being accepted, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+impl BalancerHandle {
+    /// Starts a graceful shutdown: accepting stops at once, connections in flight drain.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    /// True once a shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    /// Resolves once a shutdown has begun.
+    pub async fn shutting_down(&self) {
+        self.shared.shutdown.cancelled().await
+    }
+
+    /// The address being served, once [`TcpBalancer::serve`] has started.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.shared.local_addr.get().copied()
+    }
+
+    /// The strategy in force.
+    pub fn strategy(&self) -> Strategy {
+        self.shared.selector.strategy()
+    }
+
+    /// Client connections being carried now (including those still connecting to a backend).
+    pub fn active_connections(&self) -> usize {
+        self.shared.config.max_connections - self.shared.limit.available_permits()
+    }
+
+    /// Live per-backend state, in configuration order.
+    pub fn backends(&self) -> Vec<BackendStats> {
+        self.shared
+            .selector
+            .table()
+            .backends
+            .iter()
+            .map(|b| b.stats())
+            .collect()
+    }
+}
+
+/// Binds a listening socket the way the balancer wants it: `SO_REUSEADDR`, a deep backlog (so that clients
+/// held back by the connection limit wait in the kernel), non-blocking. Must be called inside a Tokio runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}

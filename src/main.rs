@@ -1,0 +1,172 @@
+//! The `ulb-tcp` command: parses flags, sets up logging and metrics, binds, and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use ulb_tcp::TcpBalancer;
+
+mod cli;
+
+use cli::{Cli, LogFormat};
+
+/// Bad flags or values.
+const EXIT_USAGE: u8 = 2;
+/// The balancer could not start (listen address in use, metrics address in use, ...).
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line naming the bad value; clap's own text without its multi-line hints.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("ulb-tcp: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    init_logging(cli.log_format);
+    raise_fd_limit();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ulb-tcp: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let listen = cli.listen;
+    let metrics = cli.metrics;
+    let config = match cli.into_config().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ulb-tcp: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(addr) = metrics {
+        if let Err(e) = ulb_tcp::metrics::install_prometheus(addr) {
+            eprintln!("ulb-tcp: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let backends: Vec<String> = config
+        .backends
+        .iter()
+        .map(|b| format!("{}={}@{}", b.name, b.addr, b.weight))
+        .collect();
+    let balancer = match TcpBalancer::new(config) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("ulb-tcp: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let listener = match ulb_tcp::bind(listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ulb-tcp: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let c = balancer.config();
+    tracing::info!(
+        listen = %listen,
+        ?backends,
+        strategy = %c.strategy,
+        connect_timeout = ?c.connect_timeout,
+        idle_timeout = ?c.idle_timeout,
+        drain_timeout = ?c.drain_timeout,
+        "ulb-tcp {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    match balancer.serve(listener, shutdown_signal()).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ulb-tcp: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received; draining (send it again to exit at once)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal; exiting at once");
+        std::process::exit(i32::from(EXIT_FAILURE));
+    });
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as HAProxy does: every connection holds two.
+#[cfg(unix)]
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer, which lives on this stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn raise_fd_limit() {}

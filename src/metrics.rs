@@ -1,0 +1,239 @@
+//! Metric names, their descriptions, and the handles the hot path records through.
+//!
+//! Every name is a constant here and is documented once (see also the README's table). Handles are
+//! registered once per backend when the balancer is built, so recording on the hot path is an atomic add
+//! on a handle, never a lookup of a label set. Install the recorder (for example with
+//! [`install_prometheus`]) *before* building a [`TcpBalancer`](crate::TcpBalancer): handles bind to the
+//! recorder in place when they are registered, and are no-ops without one.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, Unit};
+
+/// Connections handed to a backend (successful connects), by `backend`.
+pub const CONNECTIONS_TOTAL: &str = "ulb_connections_total";
+/// Connections open (or being opened) to a backend now, by `backend`.
+pub const CONNECTIONS_ACTIVE: &str = "ulb_connections_active";
+/// Bytes carried, by `backend` and `direction` (`client_to_backend`, `backend_to_client`).
+pub const BYTES_TOTAL: &str = "ulb_bytes_total";
+/// Failed connects to a backend, by `backend` and `reason` (`refused`, `timeout`, `other`).
+pub const CONNECT_ERRORS_TOTAL: &str = "ulb_connect_errors_total";
+/// Time to connect to a backend, by `backend` (histogram, seconds).
+pub const CONNECT_DURATION_SECONDS: &str = "ulb_connect_duration_seconds";
+/// Lifetime of proxied connections (histogram, seconds).
+pub const CONNECTION_DURATION_SECONDS: &str = "ulb_connection_duration_seconds";
+/// 1 while a backend is in rotation, 0 while passive health holds it down, by `backend`.
+pub const BACKEND_UP: &str = "ulb_backend_up";
+/// A backend's configured weight, by `backend`.
+pub const BACKEND_WEIGHT: &str = "ulb_backend_weight";
+/// Picks that found no usable backend (every one down or already tried).
+pub const NO_BACKEND_TOTAL: &str = "ulb_no_backend_total";
+/// Errors from `accept()` (EMFILE and friends).
+pub const ACCEPT_ERRORS_TOTAL: &str = "ulb_accept_errors_total";
+/// Client connections closed without being carried, by `reason` (`no_backend`, `connect_failed`).
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
+/// Always 1, with the `version` label.
+pub const BUILD_INFO: &str = "ulb_build_info";
+
+/// Label values of [`BYTES_TOTAL`]'s `direction`.
+pub const DIRECTION_CLIENT_TO_BACKEND: &str = "client_to_backend";
+/// See [`DIRECTION_CLIENT_TO_BACKEND`].
+pub const DIRECTION_BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+/// Prefix reserved for the cluster supervisor's series.
+pub const WORKER_PREFIX: &str = "ulb_worker_";
+/// Prefix reserved for the blocking pool's series.
+pub const POOL_PREFIX: &str = "ulb_pool_";
+
+/// Histogram buckets for connect times (seconds): 100 µs to 10 s.
+pub const CONNECT_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Histogram buckets for connection lifetimes (seconds): 1 ms to 1 hour.
+pub const CONNECTION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
+/// Why a connect failed (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnectFailure {
+    Refused,
+    Timeout,
+    Other,
+}
+
+impl ConnectFailure {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Other => "other",
+        }
+    }
+}
+
+/// Describes every metric to the installed recorder (HELP lines) and sets `ulb_build_info`.
+pub fn describe() {
+    describe_counter!(CONNECTIONS_TOTAL, "Connections handed to a backend.");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Connections open to a backend now.");
+    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes carried, by direction.");
+    describe_counter!(
+        CONNECT_ERRORS_TOTAL,
+        "Failed connects to a backend, by reason."
+    );
+    describe_histogram!(
+        CONNECT_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to connect to a backend."
+    );
+    describe_histogram!(
+        CONNECTION_DURATION_SECONDS,
+        Unit::Seconds,
+        "Lifetime of proxied connections."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 while the backend is in rotation, 0 while held down."
+    );
+    describe_gauge!(BACKEND_WEIGHT, "The backend's configured weight.");
+    describe_counter!(NO_BACKEND_TOTAL, "Picks that found no usable backend.");
+    describe_counter!(ACCEPT_ERRORS_TOTAL, "Errors returned by accept().");
+    describe_counter!(
+        CONNECTIONS_REJECTED_TOTAL,
+        "Client connections closed without being carried."
+    );
+    describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// Errors from [`install_prometheus`].
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct MetricsError {
+    addr: SocketAddr,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Installs the Prometheus recorder as the global one and serves `/metrics` on `addr` (its own listener).
+/// Must be called from inside a Tokio runtime, before the balancer is built.
+pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| MetricsError { addr, source: e };
+    // Bind first so that an address in use is reported as such, not as a failure in a background task.
+    std::net::TcpListener::bind(addr).map_err(|e| err(Box::new(e)))?;
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(CONNECT_DURATION_SECONDS.into()),
+            CONNECT_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(CONNECTION_DURATION_SECONDS.into()),
+                CONNECTION_BUCKETS,
+            )
+        })
+        .map_err(|e| err(Box::new(e)))?
+        .install()
+        .map_err(|e| err(Box::new(e)))?;
+    describe();
+    Ok(())
+}
+
+/// Per-backend handles, registered once.
+#[derive(Debug)]
+pub(crate) struct BackendMetrics {
+    connections: Counter,
+    active: Gauge,
+    pub(crate) bytes_to_backend: Counter,
+    pub(crate) bytes_to_client: Counter,
+    refused: Counter,
+    timeout: Counter,
+    other: Counter,
+    connect_duration: Histogram,
+    up: Gauge,
+    weight: Gauge,
+}
+
+impl BackendMetrics {
+    pub(crate) fn register(backend: &str) -> Self {
+        let b = || ("backend", backend.to_string());
+        let errors = |reason: ConnectFailure| {
+            counter!(
+                CONNECT_ERRORS_TOTAL,
+                &[b(), ("reason", reason.as_str().to_string())]
+            )
+        };
+        BackendMetrics {
+            connections: counter!(CONNECTIONS_TOTAL, &[b()]),
+            active: gauge!(CONNECTIONS_ACTIVE, &[b()]),
+            bytes_to_backend: counter!(
+                BYTES_TOTAL,
+                &[b(), ("direction", DIRECTION_CLIENT_TO_BACKEND.to_string())]
+            ),
+            bytes_to_client: counter!(
+                BYTES_TOTAL,
+                &[b(), ("direction", DIRECTION_BACKEND_TO_CLIENT.to_string())]
+            ),
+            refused: errors(ConnectFailure::Refused),
+            timeout: errors(ConnectFailure::Timeout),
+            other: errors(ConnectFailure::Other),
+            connect_duration: histogram!(CONNECT_DURATION_SECONDS, &[b()]),
+            up: gauge!(BACKEND_UP, &[b()]),
+            weight: gauge!(BACKEND_WEIGHT, &[b()]),
+        }
+    }
+
+    pub(crate) fn active_up(&self) {
+        self.active.increment(1.0);
+    }
+    pub(crate) fn active_down(&self) {
+        self.active.decrement(1.0);
+    }
+    pub(crate) fn connected(&self) {
+        self.connections.increment(1);
+    }
+    pub(crate) fn connected_in(&self, d: Duration) {
+        self.connect_duration.record(d.as_secs_f64());
+    }
+    pub(crate) fn connect_failed(&self, why: ConnectFailure) {
+        match why {
+            ConnectFailure::Refused => &self.refused,
+            ConnectFailure::Timeout => &self.timeout,
+            ConnectFailure::Other => &self.other,
+        }
+        .increment(1);
+    }
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.set(if up { 1.0 } else { 0.0 });
+    }
+    pub(crate) fn set_weight(&self, w: u32) {
+        self.weight.set(f64::from(w));
+    }
+}
+
+/// Handles that do not depend on a backend.
+#[derive(Debug)]
+pub(crate) struct GlobalMetrics {
+    pub(crate) no_backend: Counter,
+    pub(crate) accept_errors: Counter,
+    pub(crate) rejected_no_backend: Counter,
+    pub(crate) rejected_connect_failed: Counter,
+    pub(crate) connection_duration: Histogram,
+}
+
+impl GlobalMetrics {
+    pub(crate) fn register() -> Self {
+        GlobalMetrics {
+            no_backend: counter!(NO_BACKEND_TOTAL),
+            accept_errors: counter!(ACCEPT_ERRORS_TOTAL),
+            rejected_no_backend: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "no_backend"),
+            rejected_connect_failed: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "connect_failed"),
+            connection_duration: histogram!(CONNECTION_DURATION_SECONDS),
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! One client connection: pick and connect a backend (with retries), then splice bytes both ways.
+//!
+//! The two directions are pumped by two futures inside the connection's one task, each with its own state,
+//! so that half-close is first class: when one side sends FIN, the FIN is passed on (`shutdown(Write)`) and
+//! the other direction keeps flowing. A pump holds a buffer only while data is in flight: it waits for
+//! readiness with no buffer, borrows one from a per-thread pool, drains the socket, and gives it back.
+//!
+//! How a connection ends:
+//! * both directions saw EOF → both sockets are closed normally;
+//! * a read or write error on either side (a reset, a broken pipe) → both sockets are *aborted* (RST), so
+//!   that a reset is passed on as a reset and never turns into a clean end of a truncated stream;
+//! * no bytes either way for the idle timeout (or the shorter half-close timeout once one direction has
+//!   ended), or the drain deadline of a shutdown → both sockets are aborted, for the same reason.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::backend::{ActiveGuard, Backend};
+use crate::balancer::Shared;
+use crate::metrics::ConnectFailure;
+
+/// Carries one accepted client connection to its end. `_permit` holds its place under the connection limit.
+pub(crate) async fn serve_connection(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    // Best effort: a client that already left makes this fail, and the first read will say so.
+    let _ = client.set_nodelay(true);
+
+    let connected = tokio::select! {
+        c = connect(&shared, peer) => c,
+        () = shared.hard_stop.cancelled() => None,
+    };
+    let Some((backend, guard)) = connected else {
+        abort(&client);
+        return;
+    };
+
+    let counts = Counts::default();
+    let end = tokio::select! {
+        end = splice(&shared, &client, &backend, guard.backend(), &counts) => end,
+        () = shared.hard_stop.cancelled() => End::DrainDeadline,
+    };
+    if !matches!(end, End::Closed) {
+        abort(&client);
+        abort(&backend);
+    }
+    let duration = started.elapsed();
+    shared
+        .metrics
+        .connection_duration
+        .record(duration.as_secs_f64());
+    tracing::debug!(
+        client = %peer,
+        backend = %guard.backend().name(),
+        bytes_to_backend = counts.to_backend.load(Relaxed),
+        bytes_to_client = counts.to_client.load(Relaxed),
+        duration_ms = duration.as_millis() as u64,
+        end = %end,
+        "connection closed"
+    );
+}
+
+/// Tries up to `connect_attempts` backends, never one that already failed for this client.
+async fn connect(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, ActiveGuard)> {
+    let config = &shared.config;
+    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    for _ in 0..config.connect_attempts {
+        let Some(backend) = shared.selector.pick(&tried) else {
+            shared.metrics.no_backend.increment(1);
+            break;
+        };
+        // The guard counts the connect in progress as load, so least-connections sees it at once.
+        let guard = ActiveGuard::new(backend);
+        let backend = guard.backend();
+        let t0 = Instant::now();
+        let failure =
+            match tokio::time::timeout(config.connect_timeout, TcpStream::connect(backend.addr()))
+                .await
+            {
+                Ok(Ok(stream)) => {
+                    backend.connect_succeeded();
+                    backend.metrics.connected_in(t0.elapsed());
+                    guard.connected();
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, guard));
+                }
+                Ok(Err(e)) => (classify(&e), e.to_string()),
+                Err(_) => (ConnectFailure::Timeout, "connect timed out".to_string()),
+            };
+        backend.metrics.connect_failed(failure.0);
+        backend.connect_failed(&config.health);
+        tracing::debug!(client = %peer, backend = %backend.name(), reason = failure.0.as_str(),
+            error = %failure.1, "connect to backend failed, trying another");
+        tried.push(backend.clone());
+    }
+    let rejected = if tried.is_empty() {
+        &shared.metrics.rejected_no_backend
+    } else {
+        &shared.metrics.rejected_connect_failed
+    };
+    rejected.increment(1);
+    if shared.should_log_no_backend() {
+        let tried: Vec<&str> = tried.iter().map(|b| b.name()).collect();
+        tracing::warn!(client = %peer, ?tried, "no backend reachable; closing client");
+    }
+    None
+}
+
+fn classify(e: &io::Error) -> ConnectFailure {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+        io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+        _ => ConnectFailure::Other,
+    }
+}
+
+/// Closes a socket with a reset (SO_LINGER 0) instead of a FIN.
+fn abort(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
+}
+
+/// Bytes carried by one connection, per direction.
+#[derive(Debug, Default)]
+struct Counts {
+    to_backend: AtomicU64,
+    to_client: AtomicU64,
+}
+
+/// Which side of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+/// How a spliced connection ended.
+#[derive(Debug)]
+enum End {
+    /// Both directions ended with a FIN that was passed on.
+    Closed,
+    /// No bytes either way for the idle (or half-close) timeout.
+    Idle { half_closed: bool },
+    /// Reading from `side` failed (a reset, typically).
+    ReadFailed(Side, io::Error),
+    /// Writing to `side` failed (it is gone).
+    WriteFailed(Side, io::Error),
+    /// A shutdown's drain deadline passed.
+    DrainDeadline,
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Closed => f.write_str("closed"),
+            End::Idle { half_closed: false } => f.write_str("idle timeout"),
+            End::Idle { half_closed: true } => f.write_str("half-close timeout"),
+            End::ReadFailed(side, e) => write!(f, "read from {side:?} failed: {e}"),
+            End::WriteFailed(side, e) => write!(f, "write to {side:?} failed: {e}"),
+            End::DrainDeadline => f.write_str("closed at the drain deadline"),
+        }
+    }
+}
+
+/// When the last byte moved, in milliseconds since the connection's splice began.
+struct Activity {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.base.elapsed().as_millis() as u64, Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
+
+async fn splice(
+    shared: &Shared,
+    client: &TcpStream,
+    backend: &TcpStream,
+    b: &Backend,
+    counts: &Counts,
+) -> End {
+    let cfg = &shared.config;
+    let activity = Activity {
+        base: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let up = Pump {
+        from: client,
+        to: backend,
+        to_side: Side::Backend,
+        carried: &counts.to_backend,
+        metric: &b.metrics.bytes_to_backend,
+        activity: &activity,
+        buffer_size: cfg.buffer_size,
+    };
+    let down = Pump {
+        from: backend,
+        to: client,
+        to_side: Side::Client,
+        carried: &counts.to_client,
+        metric: &b.metrics.bytes_to_client,
+        activity: &activity,
+        buffer_size: cfg.buffer_size,
+    };
+    let up = up.run();
+    let down = down.run();
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let idle = tokio::time::sleep(cfg.idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => return e,
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => return e,
+            },
+            () = &mut idle => {}
+        }
+        if up_done && down_done {
+            return End::Closed;
+        }
+        let half_closed = up_done || down_done;
+        let limit = if half_closed {
+            cfg.idle_timeout.min(cfg.half_close_timeout)
+        } else {
+            cfg.idle_timeout
+        };
+        let deadline = activity.last() + limit;
+        if deadline <= Instant::now() {
+            return End::Idle { half_closed };
+        }
+        idle.as_mut().reset(deadline);
+    }
+}
+
+/// One direction of a connection.
+struct Pump<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    to_side: Side,
+    carried: &'a AtomicU64,
+    metric: &'a Counter,
+    activity: &'a Activity,
+    buffer_size: usize,
+}
+
+impl Pump<'_> {
+    fn from_side(&self) -> Side {
+        match self.to_side {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+
+    /// Copies until EOF (then passes the FIN on) or an error.
+    async fn run(self) -> Result<(), End> {
+        loop {
+            // Wait with no buffer held: an idle connection costs no buffer memory.
+            self.from
+                .readable()
+                .await
+                .map_err(|e| End::ReadFailed(self.from_side(), e))?;
+            let mut buf = PooledBuf::take(self.buffer_size);
+            loop {
+                match self.from.try_read(&mut buf) {
+                    Ok(0) => {
+                        drop(buf);
+                        socket2::SockRef::from(self.to)
+                            .shutdown(Shutdown::Write)
+                            .map_err(|e| End::WriteFailed(self.to_side, e))?;
+                        return Ok(());
+                    }
+                    Ok(n) => {
+                        self.activity.touch();
+                        self.write_all(&buf[..n])
+                            .await
+                            .map_err(|e| End::WriteFailed(self.to_side, e))?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(End::ReadFailed(self.from_side(), e)),
+                }
+            }
+        }
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.to.try_write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    data = &data[n..];
+                    self.carried.fetch_add(n as u64, Relaxed);
+                    self.metric.increment(n as u64);
+                    self.activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.to.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A buffer borrowed from the current thread's pool, given back on drop.
+struct PooledBuf(Vec<u8>);
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Buffers kept per thread; more than this are freed, so a burst does not pin memory for ever.
+const POOL_PER_THREAD: usize = 64;
+
+impl PooledBuf {
+    fn take(size: usize) -> Self {
+        let reused = BUFFERS.with(|p| {
+            let mut pool = p.borrow_mut();
+            // Buffers of another size (another balancer in this process) are not reused.
+            pool.pop().filter(|b| b.len() == size)
+        });
+        PooledBuf(reused.unwrap_or_else(|| vec![0; size]))
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        BUFFERS.with(|p| {
+            let mut pool = p.borrow_mut();
+            if pool.len() < POOL_PER_THREAD {
+                pool.push(buf);
+            }
+        });
+    }
+}
+
+impl std::ops::Deref for PooledBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for PooledBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
