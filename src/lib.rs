@@ -62,6 +62,7 @@ mod backend;
 mod balancer;
 pub mod config;
 pub mod metrics;
+pub mod pool;
 mod proxy;
 mod strategy;
 
