@@ -267,7 +267,7 @@ impl BalancerHandle {
 
     /// Client connections being carried now (including those still connecting to a backend).
     pub fn active_connections(&self) -> usize {
-        self.shared.config.max_connections - self.shared.limit.available_permits()
+        self.shared.tracker.len()
     }
 
     /// Live per-backend state, in configuration order.

@@ -302,10 +302,10 @@ fn less_loaded(a: &Backend, b: &Backend) -> bool {
 
 /// The usable backend with the least load per unit of weight; among equals, the one picked longest ago, so
 /// that ties are shared out in turn.
-fn least_loaded<'t>(
-    backends: &'t [Arc<Backend>],
+fn least_loaded(
+    backends: &[Arc<Backend>],
     ok: impl Fn(&Arc<Backend>) -> bool,
-) -> Option<&'t Arc<Backend>> {
+) -> Option<&Arc<Backend>> {
     let mut best: Option<&Arc<Backend>> = None;
     for b in backends.iter().filter(|b| ok(b)) {
         let better = match best {

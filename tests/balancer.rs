@@ -1,0 +1,649 @@
+//! The balancer through real sockets on loopback: distribution, integrity, half-close, resets, failover,
+//! passive health, timeouts, the connection limit and graceful shutdown.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{echo_roundtrip, fnv, pattern, refusing_addr, wait_until, Backend, Running};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use ulb_tcp::{BackendConfig, BalancerConfig, PassiveHealth, Strategy};
+
+fn config(addrs: &[std::net::SocketAddr]) -> BalancerConfig {
+    BalancerConfig::new(addrs.iter().map(|&a| BackendConfig::new(a)))
+}
+
+async fn tagged(n: u8) -> Vec<Backend> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(Backend::tagged(i).await);
+    }
+    v
+}
+
+fn addrs(bs: &[Backend]) -> Vec<std::net::SocketAddr> {
+    bs.iter().map(|b| b.addr).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Distribution
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_gives_exactly_equal_shares() {
+    let bs = tagged(3).await;
+    let lb = Running::start(config(&addrs(&bs))).await;
+    let mut counts = [0usize; 3];
+    for _ in 0..300 {
+        let (tag, _s) = lb.tag().await;
+        counts[tag as usize] += 1;
+    }
+    assert_eq!(counts, [100, 100, 100]);
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_is_exact_and_smooth() {
+    let bs = tagged(3).await;
+    let cfg = BalancerConfig::new(
+        bs.iter()
+            .zip([1, 2, 3])
+            .map(|(b, w)| BackendConfig::new(b.addr).with_weight(w)),
+    );
+    let lb = Running::start(cfg).await;
+    let mut seq = Vec::new();
+    for _ in 0..600 {
+        seq.push(lb.tag().await.0);
+    }
+    let count = |s: &[u8], t: u8| s.iter().filter(|&&x| x == t).count();
+    assert_eq!(
+        [count(&seq, 0), count(&seq, 1), count(&seq, 2)],
+        [100, 200, 300]
+    );
+    // Smooth: every aligned window of one period (6) holds exactly 1, 2 and 3 picks, and no backend gets
+    // more than two in a row.
+    for w in seq.chunks(6) {
+        assert_eq!(
+            [count(w, 0), count(w, 1), count(w, 2)],
+            [1, 2, 3],
+            "window {w:?}"
+        );
+    }
+    let longest_run = seq.chunk_by(|a, b| a == b).map(<[u8]>::len).max().unwrap();
+    assert!(longest_run <= 2, "bursty sequence: run of {longest_run}");
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_sends_new_connections_to_the_least_loaded() {
+    let bs = tagged(3).await;
+    let lb = Running::start(config(&addrs(&bs)).strategy(Strategy::LeastConnections)).await;
+    // Six held connections: idle backends share evenly, two each.
+    let mut held: Vec<(u8, TcpStream)> = Vec::new();
+    for _ in 0..6 {
+        held.push(lb.tag().await);
+    }
+    let mut per = [0; 3];
+    held.iter().for_each(|(t, _)| per[*t as usize] += 1);
+    assert_eq!(per, [2, 2, 2], "ties must rotate");
+
+    // Close both connections held on backend 1; once the balancer has seen them end, the next two
+    // connections must go to backend 1.
+    held.retain(|(t, _)| *t != 1);
+    lb.wait_for("backend 1 to drain", |s| s[1].active == 0)
+        .await;
+    let (a, sa) = lb.tag().await;
+    let (b, sb) = lb.tag().await;
+    assert_eq!(
+        (a, b),
+        (1, 1),
+        "the least loaded backend must get the new connections"
+    );
+    held.push((a, sa));
+    held.push((b, sb));
+    // Now all hold two again: the next three go one to each.
+    let mut next: Vec<u8> = Vec::new();
+    for _ in 0..3 {
+        let (t, s) = lb.tag().await;
+        next.push(t);
+        held.push((t, s));
+    }
+    next.sort();
+    assert_eq!(next, [0, 1, 2]);
+    drop(held);
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_random_stays_within_statistical_bounds() {
+    let bs = tagged(3).await;
+    let run = |seed| {
+        let cfg = config(&addrs(&bs)).strategy(Strategy::Random).seed(seed);
+        async move {
+            let lb = Running::start(cfg).await;
+            let mut seq = Vec::new();
+            for _ in 0..1500 {
+                seq.push(lb.tag().await.0);
+            }
+            lb.stop().await;
+            seq
+        }
+    };
+    let seq = run(1234).await;
+    for t in 0..3u8 {
+        let n = seq.iter().filter(|&&x| x == t).count();
+        // Expected 500, σ ≈ 18.3: ±100 is more than five σ.
+        assert!((400..=600).contains(&n), "backend {t} got {n} of 1500");
+    }
+    assert_eq!(
+        seq,
+        run(1234).await,
+        "the same seed must give the same sequence"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_strategy_picks_a_backend_that_is_down() {
+    for strategy in [
+        Strategy::RoundRobin,
+        Strategy::LeastConnections,
+        Strategy::Random,
+        Strategy::PowerOfTwoChoices,
+    ] {
+        let bs = tagged(2).await;
+        let dead = refusing_addr();
+        let cfg = config(&[bs[0].addr, dead, bs[1].addr])
+            .strategy(strategy)
+            .health(PassiveHealth {
+                failure_threshold: 1,
+                backoff: Duration::from_secs(60),
+                ..PassiveHealth::default()
+            });
+        let lb = Running::start(cfg).await;
+        for i in 0..100 {
+            let (tag, _s) = lb.tag().await;
+            assert!(tag < 2, "{strategy}: connection {i} got tag {tag}");
+        }
+        let stats = lb.handle.backends();
+        assert!(
+            !stats[1].up,
+            "{strategy}: the refusing backend must be marked down"
+        );
+        assert!(
+            stats[1].connect_failures <= 1,
+            "{strategy}: a down backend was tried again: {:?}",
+            stats[1]
+        );
+        assert_eq!(stats[0].total + stats[2].total, 100);
+        lb.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Integrity
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_size_arrives_byte_exact_both_ways() {
+    let backend = Backend::echo().await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    for (i, len) in [0, 1, 8191, 8192, 8193, 65535, 1 << 20, 64 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let data = Arc::new(pattern(i as u64, len));
+        let got = echo_roundtrip(lb.addr, data.clone()).await.unwrap();
+        assert_eq!(got.len(), len, "length for {len} bytes");
+        assert_eq!(fnv(&got), fnv(&data), "content for {len} bytes");
+    }
+    lb.wait_for("connections to close", |s| s[0].active == 0)
+        .await;
+    assert_eq!(lb.handle.backends()[0].total, 8);
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_clients_each_get_their_own_bytes() {
+    let backend = Backend::echo().await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100u64 {
+        let addr = lb.addr;
+        tasks.spawn(async move {
+            let data = Arc::new(pattern(1000 + i, 100_000 + i as usize * 997));
+            let got = echo_roundtrip(addr, data.clone()).await?;
+            Ok::<_, std::io::Error>((i, got == *data))
+        });
+    }
+    let mut ok = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (i, same) = r.unwrap().unwrap();
+        assert!(same, "client {i} got bytes that are not its own");
+        ok += 1;
+    }
+    assert_eq!(ok, 100);
+    lb.stop().await;
+}
+
+/// A backend that reads until the client's FIN, then answers with the length and fingerprint of what it
+/// read, followed by 1 MiB, and closes.
+async fn summarising_backend() -> Backend {
+    Backend::spawn(|mut s| async move {
+        let mut got = Vec::new();
+        if s.read_to_end(&mut got).await.is_err() {
+            return;
+        }
+        let mut answer = format!("{} {:016x}\n", got.len(), fnv(&got)).into_bytes();
+        answer.extend(pattern(77, 1 << 20));
+        let _ = s.write_all(&answer).await;
+        let _ = s.shutdown().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_half_close_reaches_the_backend_and_the_answer_still_flows() {
+    let backend = summarising_backend().await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    let data = pattern(5, 300_000);
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(&data).await.unwrap();
+    s.shutdown().await.unwrap(); // FIN: the backend only answers once it sees it
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let header = format!("{} {:016x}\n", data.len(), fnv(&data));
+    assert!(
+        answer.starts_with(header.as_bytes()),
+        "backend saw something else"
+    );
+    assert_eq!(&answer[header.len()..], &pattern(77, 1 << 20)[..]);
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
+    let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+    let backend = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            s.write_all(b"greeting").await.unwrap();
+            s.shutdown().await.unwrap(); // FIN towards the client, but keep reading
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(got);
+            }
+        }
+    })
+    .await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let mut greeting = Vec::new();
+    s.read_to_end(&mut greeting).await.unwrap(); // ends with the backend's FIN
+    assert_eq!(greeting, b"greeting");
+    let late = pattern(9, 200_000);
+    s.write_all(&late).await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got, late,
+        "bytes sent after the backend's FIN must still arrive"
+    );
+    lb.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Resets
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_reset_mid_stream_reaches_the_client_as_an_error() {
+    let backend = Backend::spawn(|mut s| async move {
+        let _ = s.write_all(&pattern(1, 200_000)).await;
+        let _ = s.set_zero_linger();
+        drop(s); // RST
+    })
+    .await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(lb.addr).await.unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .unwrap();
+        let err = r.expect_err("a reset must not look like a clean end of stream");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_reaches_the_backend_as_an_error() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let _ = tx.send(s.read_to_end(&mut buf).await.map_err(|e| e.kind()));
+        }
+    })
+    .await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"partial request").await.unwrap();
+    lb.wait_for("the backend connection", |st| st[0].total == 1)
+        .await;
+    s.set_zero_linger().unwrap();
+    drop(s);
+    let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset));
+    lb.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Failover and passive health
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refusing_backend_of_three_costs_clients_nothing() {
+    let good = [Backend::echo().await, Backend::echo().await];
+    let cfg = config(&[good[0].addr, refusing_addr(), good[1].addr]);
+    let lb = Running::start(cfg).await;
+    let mut failures = 0;
+    for i in 0..300u64 {
+        let data = Arc::new(pattern(i, 100));
+        match echo_roundtrip(lb.addr, data.clone()).await {
+            Ok(got) if got == *data => {}
+            _ => failures += 1,
+        }
+    }
+    assert_eq!(failures, 0, "client-visible failures");
+    let s = lb.handle.backends();
+    assert_eq!(s[0].total + s[2].total, 300);
+    assert!(!s[1].up, "three refusals in a row mark the backend down");
+    assert_eq!(
+        s[1].connect_failures, 3,
+        "down backends are skipped until the back-off ends"
+    );
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_down_closes_clients_within_the_connect_budget_and_recovers() {
+    let dead = [refusing_addr(), refusing_addr()];
+    let cfg = config(&dead)
+        .connect_timeout(Duration::from_millis(500))
+        .health(PassiveHealth {
+            failure_threshold: 1,
+            backoff: Duration::from_millis(300),
+            max_backoff: Duration::from_millis(300),
+        });
+    let lb = Running::start(cfg).await;
+    let budget = Duration::from_millis(500 * 3) + Duration::from_millis(500);
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        // The reset may come so fast that the connect itself reports it.
+        if let Ok(mut s) = TcpStream::connect(lb.addr).await {
+            let mut buf = [0u8; 1];
+            let r = tokio::time::timeout(budget, s.read(&mut buf))
+                .await
+                .expect("client left hanging");
+            assert!(matches!(r, Ok(0) | Err(_)), "client must be closed");
+        }
+        assert!(t0.elapsed() < budget);
+    }
+    assert!(!lb.task.is_finished(), "the balancer keeps running");
+
+    // Bring the first backend back on its port: after its back-off it gets traffic again.
+    let listener = tokio::net::TcpListener::bind(dead[0]).await.unwrap();
+    let back = Backend::serve(listener, common::echo);
+    let start = Instant::now();
+    loop {
+        let data = Arc::new(pattern(3, 1000));
+        if let Ok(got) = echo_roundtrip(lb.addr, data.clone()).await {
+            if got == *data {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the backend never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back.accepted() >= 1);
+    lb.wait_for("backend up", |s| s[0].up).await;
+    lb.stop().await;
+}
+
+/// A listener that accepts nothing and whose accept queue is full: SYNs to it are dropped, so connects
+/// to it time out.
+fn blackhole() -> (socket2::Socket, std::net::TcpStream, std::net::SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap(); // fills the queue of one
+    (s, filler, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
+    let (_hole, _filler, hole_addr) = blackhole();
+    let good = Backend::echo().await;
+    let cfg = config(&[hole_addr, good.addr])
+        .connect_timeout(Duration::from_millis(200))
+        .health(PassiveHealth {
+            failure_threshold: 2,
+            ..PassiveHealth::default()
+        });
+    let lb = Running::start(cfg).await;
+    for i in 0..20u64 {
+        let data = Arc::new(pattern(i, 5000));
+        let got = echo_roundtrip(lb.addr, data.clone()).await.unwrap();
+        assert_eq!(got, *data);
+    }
+    let s = lb.handle.backends();
+    assert!(!s[0].up, "two timeouts in a row mark it down: {:?}", s[0]);
+    assert_eq!(s[0].connect_failures, 2);
+    assert_eq!(s[1].total, 20);
+    lb.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Timeouts and limits
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_both_sides() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let _ = s.write_all(&buf[..n]).await;
+            // Now silent; report how the balancer ends the connection.
+            let t0 = Instant::now();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            let _ = tx.send(t0.elapsed());
+        }
+    })
+    .await;
+    let cfg = config(&[backend.addr]).idle_timeout(Duration::from_millis(400));
+    let lb = Running::start(cfg).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("idle connection not closed");
+    assert!(r.is_err() || rest.is_empty());
+    let client_side = t0.elapsed();
+    let backend_side = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("backend side not closed")
+        .unwrap();
+    for (side, d) in [("client", client_side), ("backend", backend_side)] {
+        assert!(
+            d >= Duration::from_millis(300) && d < Duration::from_secs(3),
+            "{side} closed after {d:?}"
+        );
+    }
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_timeout_bounds_a_silent_half_closed_connection() {
+    // The backend never answers and never closes.
+    let backend = Backend::spawn(|mut s| async move {
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let cfg = config(&[backend.addr])
+        .idle_timeout(Duration::from_secs(60))
+        .half_close_timeout(Duration::from_millis(300));
+    let lb = Running::start(cfg).await;
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    s.write_all(b"request").await.unwrap();
+    s.shutdown().await.unwrap();
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("half-closed connection was not bounded");
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    lb.wait_for("connection gone", |st| st[0].active == 0).await;
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_limit_holds_and_waiting_clients_are_served_later() {
+    let backend = Backend::tagged(0).await;
+    let lb = Running::start(config(&[backend.addr]).max_connections(2)).await;
+    let (_, a) = lb.tag().await;
+    let (_, _b) = lb.tag().await;
+    // The third client's TCP handshake completes in the kernel backlog, but it is not served.
+    let mut c = TcpStream::connect(lb.addr).await.unwrap();
+    let mut tag = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), c.read_exact(&mut tag)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served over the limit"
+    );
+    assert_eq!(backend.accepted(), 2);
+    assert_eq!(lb.handle.active_connections(), 2);
+    drop(a);
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut tag))
+        .await
+        .expect("the waiting client was never served")
+        .unwrap();
+    assert_eq!(backend.accepted(), 3);
+    lb.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_refuses_new_clients_and_lets_transfers_finish() {
+    let backend = Backend::echo().await;
+    let lb = Running::start(config(&[backend.addr])).await;
+    let addr = lb.addr;
+    let data = Arc::new(pattern(11, 8 << 20));
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            w.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = vec![0u8; 1 << 20];
+    r.read_exact(&mut got).await.unwrap();
+    lb.handle.shutdown();
+    wait_until("connects refused", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == *data, "the in-flight transfer was corrupted");
+    let report = lb.stop().await;
+    assert_eq!(report.in_flight, 1);
+    assert_eq!(report.forced, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_deadline_cuts_what_is_left_with_a_reset() {
+    let backend = Backend::tagged(0).await;
+    let cfg = config(&[backend.addr]).drain_timeout(Duration::from_millis(300));
+    let lb = Running::start(cfg).await;
+    let (_, mut held) = lb.tag().await;
+    let t0 = Instant::now();
+    let report = lb.stop().await;
+    assert!(t0.elapsed() >= Duration::from_millis(250));
+    assert_eq!(
+        report,
+        ulb_tcp::ShutdownReport {
+            in_flight: 1,
+            forced: 1
+        }
+    );
+    let mut buf = Vec::new();
+    let r = held.read_to_end(&mut buf).await;
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_count_every_connection_and_no_count_leaks() {
+    let good = Backend::echo().await;
+    let lb = Running::start(config(&[good.addr, refusing_addr()])).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50u64 {
+        let addr = lb.addr;
+        tasks.spawn(async move { echo_roundtrip(addr, Arc::new(pattern(i, 10_000))).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+    lb.wait_for("every count back to zero", |s| {
+        s.iter().all(|b| b.active == 0)
+    })
+    .await;
+    let s = lb.handle.backends();
+    let by_name: HashMap<_, _> = s.iter().map(|b| (b.addr, b.total)).collect();
+    assert_eq!(by_name[&good.addr], 50);
+    let handle = lb.handle.clone();
+    wait_until(
+        "the connection limit's permits to return",
+        Duration::from_secs(5),
+        || handle.active_connections() == 0,
+    )
+    .await;
+    lb.stop().await;
+}

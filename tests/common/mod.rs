@@ -1,0 +1,191 @@
+//! Shared helpers for the integration tests: small backends on loopback, a balancer in front, data.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use ulb_tcp::{BalancerConfig, BalancerHandle, ShutdownReport, TcpBalancer};
+
+/// A backend server on 127.0.0.1:0; aborted when dropped.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Serves each connection with `handler`.
+    pub async fn spawn<F, Fut>(handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, handler)
+    }
+
+    /// Serves `listener` with `handler`.
+    pub fn serve<F, Fut>(listener: TcpListener, handler: F) -> Backend
+    where
+        F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, SeqCst);
+                conns.spawn(handler(stream));
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Backend {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// Echoes everything; passes the client's FIN back once all is echoed.
+    pub async fn echo() -> Backend {
+        Self::spawn(echo).await
+    }
+
+    /// Writes its one-byte `tag` at once, then echoes until EOF: tells a client which backend it reached
+    /// and holds the connection for as long as the client does.
+    pub async fn tagged(tag: u8) -> Backend {
+        Self::spawn(move |mut s| async move {
+            if s.write_all(&[tag]).await.is_ok() {
+                echo(s).await;
+            }
+        })
+        .await
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(SeqCst)
+    }
+}
+
+pub async fn echo(mut s: TcpStream) {
+    let (mut r, mut w) = s.split();
+    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+        let _ = w.shutdown().await;
+    }
+}
+
+/// An address on loopback where nothing listens: connects to it are refused.
+pub fn refusing_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A balancer serving on 127.0.0.1:0; shut down and awaited by [`Running::stop`].
+pub struct Running {
+    pub addr: SocketAddr,
+    pub handle: BalancerHandle,
+    pub task: JoinHandle<std::io::Result<ShutdownReport>>,
+}
+
+impl Running {
+    pub async fn start(config: BalancerConfig) -> Running {
+        let balancer = TcpBalancer::new(config).unwrap();
+        let handle = balancer.handle();
+        let listener = ulb_tcp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(balancer.serve(listener, std::future::pending()));
+        Running { addr, handle, task }
+    }
+
+    pub async fn stop(self) -> ShutdownReport {
+        self.handle.shutdown();
+        tokio::time::timeout(Duration::from_secs(40), self.task)
+            .await
+            .expect("balancer did not stop")
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Connects and reads the backend's tag byte.
+    pub async fn tag(&self) -> (u8, TcpStream) {
+        let mut s = TcpStream::connect(self.addr).await.unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("no tag from backend");
+        (b[0], s)
+    }
+
+    /// Waits until `f` holds for the balancer's stats.
+    pub async fn wait_for(&self, what: &str, f: impl Fn(&[ulb_tcp::BackendStats]) -> bool) {
+        let handle = self.handle.clone();
+        wait_until(what, Duration::from_secs(10), || f(&handle.backends())).await;
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes (then panics naming `what`).
+pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// FNV-1a over the bytes: a cheap fingerprint for messages.
+pub fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Sends `data` through `addr` to an echo backend while reading the echo; half-closes after sending and
+/// returns everything read until EOF.
+pub async fn echo_roundtrip(addr: SocketAddr, data: Arc<Vec<u8>>) -> std::io::Result<Vec<u8>> {
+    let s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let len = data.len();
+    let writer = tokio::spawn(async move {
+        for chunk in data.chunks(64 * 1024) {
+            w.write_all(chunk).await?;
+        }
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut got = Vec::with_capacity(len);
+    r.read_to_end(&mut got).await?;
+    writer.await.expect("writer panicked")?;
+    Ok(got)
+}
