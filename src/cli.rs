@@ -63,9 +63,10 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub half_close_timeout: Duration,
 
-    /// Connections carried at once; further clients wait in the kernel's accept backlog.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    pub max_connections: usize,
+    /// Connections carried at once; further clients wait in the kernel's accept backlog. Default: as many
+    /// as the open-file limit allows (two descriptors each), at most 100000.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 
     /// On SIGINT/SIGTERM, how long connections in flight may take to finish before they are closed.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
@@ -143,7 +144,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 impl Cli {
     /// Resolves the backends and builds the validated configuration.
-    pub async fn into_config(self) -> Result<BalancerConfig, ConfigError> {
+    /// `fd_limit` is the process's open-file limit, for the default connection limit.
+    pub async fn into_config(self, fd_limit: Option<u64>) -> Result<BalancerConfig, ConfigError> {
         let mut backends = Vec::with_capacity(self.backends.len());
         for spec in &self.backends {
             backends.push(spec.resolve().await?);
@@ -154,7 +156,10 @@ impl Cli {
             .connect_attempts(self.connect_attempts)
             .idle_timeout(self.idle_timeout)
             .half_close_timeout(self.half_close_timeout)
-            .max_connections(self.max_connections)
+            .max_connections(
+                self.max_connections
+                    .unwrap_or_else(|| default_max_connections(fd_limit)),
+            )
             .drain_timeout(self.drain_timeout)
             .health(PassiveHealth {
                 failure_threshold: self.fail_threshold,
@@ -163,6 +168,14 @@ impl Cli {
             });
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// Two descriptors per connection, 64 kept for the process itself; 100,000 at most, 1 at least.
+pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
+    match fd_limit {
+        Some(n) => (n.saturating_sub(64) / 2).clamp(1, 100_000) as usize,
+        None => 10_000,
     }
 }
 
@@ -178,6 +191,14 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("3x").unwrap_err().contains("'3x'"));
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_default_connection_limit_follows_the_descriptor_limit() {
+        assert_eq!(default_max_connections(Some(1024)), 480);
+        assert_eq!(default_max_connections(Some(10)), 1);
+        assert_eq!(default_max_connections(Some(1 << 40)), 100_000);
+        assert_eq!(default_max_connections(None), 10_000);
     }
 
     #[test]

@@ -19,10 +19,11 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line naming the bad value; clap's own text without its multi-line hints.
+            // One line naming the bad value: clap's first paragraph, joined, without its usage hints.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("ulb-tcp: {}", first.trim_start_matches("error: "));
+            let first = text.split("\n\n").next().unwrap_or("bad arguments");
+            let line = first.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("ulb-tcp: {}", line.trim_start_matches("error: "));
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format);
-    raise_fd_limit();
+    let fd_limit = raise_fd_limit();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -44,13 +45,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(run(cli))
+    runtime.block_on(run(cli, fd_limit))
 }
 
-async fn run(cli: Cli) -> ExitCode {
+async fn run(cli: Cli, fd_limit: Option<u64>) -> ExitCode {
     let listen = cli.listen;
     let metrics = cli.metrics;
-    let config = match cli.into_config().await {
+    let config = match cli.into_config(fd_limit).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("ulb-tcp: {e}");
@@ -91,6 +92,7 @@ async fn run(cli: Cli) -> ExitCode {
         connect_timeout = ?c.connect_timeout,
         idle_timeout = ?c.idle_timeout,
         drain_timeout = ?c.drain_timeout,
+        max_connections = c.max_connections,
         "ulb-tcp {} starting",
         env!("CARGO_PKG_VERSION")
     );
@@ -150,23 +152,36 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit, as HAProxy does: every connection holds two.
+/// Raises the soft limit on open files to the hard limit, as HAProxy does (every connection holds two),
+/// and returns the limit in force.
 #[cfg(unix)]
-fn raise_fd_limit() {
+fn raise_fd_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed by pointer, which lives on this stack.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return None;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            } else {
                 tracing::warn!("cannot raise the open-file limit");
             }
         }
     }
+    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every Unix
+    Some(lim.rlim_cur as u64)
 }
 
 #[cfg(not(unix))]
-fn raise_fd_limit() {}
+fn raise_fd_limit() -> Option<u64> {
+    None
+}

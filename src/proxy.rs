@@ -97,10 +97,20 @@ async fn connect(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, Active
                     let _ = stream.set_nodelay(true);
                     return Some((stream, guard));
                 }
-                Ok(Err(e)) => (classify(&e), e.to_string()),
-                Err(_) => (ConnectFailure::Timeout, "connect timed out".to_string()),
+                Ok(Err(e)) => (classify(&e), e.to_string(), is_local_exhaustion(&e)),
+                Err(_) => (
+                    ConnectFailure::Timeout,
+                    "connect timed out".to_string(),
+                    false,
+                ),
             };
         backend.metrics.connect_failed(failure.0);
+        if failure.2 {
+            // Out of file descriptors or ports here: not the backend's fault, and no other backend would
+            // fare better.
+            tracing::warn!(client = %peer, error = %failure.1, "cannot open a backend connection");
+            break;
+        }
         backend.connect_failed(&config.health);
         tracing::debug!(client = %peer, backend = %backend.name(), reason = failure.0.as_str(),
             error = %failure.1, "connect to backend failed, trying another");
@@ -125,6 +135,14 @@ fn classify(e: &io::Error) -> ConnectFailure {
         io::ErrorKind::TimedOut => ConnectFailure::Timeout,
         _ => ConnectFailure::Other,
     }
+}
+
+/// Errors that say this host ran out of something (descriptors, buffers, ephemeral ports).
+fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Closes a socket with a reset (SO_LINGER 0) instead of a FIN.
@@ -267,7 +285,7 @@ struct Pump<'a> {
 }
 
 impl Pump<'_> {
-    fn from_side(&self) -> Side {
+    fn source_side(&self) -> Side {
         match self.to_side {
             Side::Client => Side::Backend,
             Side::Backend => Side::Client,
@@ -281,7 +299,7 @@ impl Pump<'_> {
             self.from
                 .readable()
                 .await
-                .map_err(|e| End::ReadFailed(self.from_side(), e))?;
+                .map_err(|e| End::ReadFailed(self.source_side(), e))?;
             let mut buf = PooledBuf::take(self.buffer_size);
             loop {
                 match self.from.try_read(&mut buf) {
@@ -300,7 +318,7 @@ impl Pump<'_> {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(End::ReadFailed(self.from_side(), e)),
+                    Err(e) => return Err(End::ReadFailed(self.source_side(), e)),
                 }
             }
         }

@@ -1,0 +1,386 @@
+//! The `ulb-tcp` command as a user runs it: bad input, host names, signals, graceful drain, EMFILE.
+#![cfg(unix)]
+
+mod common;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{pattern, wait_until, Backend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ulb-tcp");
+
+/// Runs the command to completion (bounded) and returns its status and stderr.
+fn run_to_end(args: &[&str]) -> (ExitStatus, String) {
+    run_cmd(Command::new(BIN).args(args))
+}
+
+fn run_cmd(cmd: &mut Command) -> (ExitStatus, String) {
+    let mut child = Proc(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = child
+        .wait_for(Duration::from_secs(20))
+        .expect("command hung");
+    let mut err = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
+/// A child process that is killed and reaped when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.0.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// CPU time (user + system) the process has used, from /proc.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Starts the balancer on a free port and waits until it accepts.
+async fn start(extra: &[&str]) -> (Proc, SocketAddr) {
+    for _ in 0..5 {
+        let listen = free_port();
+        let mut args = vec!["--listen".to_string(), listen.to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Proc(
+            Command::new(BIN)
+                .args(&args)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if TcpStream::connect(listen).await.is_ok() {
+                return (child, listen);
+            }
+            if child.0.try_wait().unwrap().is_some() {
+                break; // the port was taken in between: try another
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = child.0.kill();
+    }
+    panic!("the balancer never started accepting");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Bad input: one clear line naming the value, the right exit code, never a panic.
+
+fn assert_one_line_error(args: &[&str], code: i32, names: &str) {
+    let (status, err) = run_to_end(args);
+    assert_eq!(status.code(), Some(code), "{args:?}: stderr {err:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err:?}");
+    assert!(lines[0].starts_with("ulb-tcp: "), "{err:?}");
+    assert!(
+        lines[0].contains(names),
+        "{args:?}: {err:?} should name {names:?}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_gets_one_line_and_exit_code_two() {
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--strategy", "fastest"],
+        2,
+        "fastest",
+    );
+    assert_one_line_error(&["--backends", "127.0.0.1"], 2, "'127.0.0.1'");
+    assert_one_line_error(&["--backends", "127.0.0.1:99999"], 2, "127.0.0.1:99999");
+    assert_one_line_error(&["--backends", "127.0.0.1:80@0"], 2, "127.0.0.1:80@0");
+    assert_one_line_error(&["--backends", "127.0.0.1:80@x"], 2, "127.0.0.1:80@x");
+    assert_one_line_error(&["--backends", ""], 2, "''");
+    assert_one_line_error(&[], 2, "--backends");
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--connect-timeout", "3x"],
+        2,
+        "3x",
+    );
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--listen", "nowhere"],
+        2,
+        "nowhere",
+    );
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--max-connections", "0"],
+        2,
+        "max connections 0",
+    );
+}
+
+#[test]
+fn listen_address_in_use_or_not_permitted_exits_one() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_one_line_error(&["--backends", "127.0.0.1:1", "--listen", &addr], 1, &addr);
+    // An address this host does not have (TEST-NET-1): bind fails locally, nothing is sent.
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--listen", "192.0.2.1:80"],
+        1,
+        "192.0.2.1:80",
+    );
+}
+
+#[test]
+fn an_unresolvable_host_is_named() {
+    // Inside a network namespace of its own there is no resolver to ask, so the lookup fails at once and
+    // no query leaves this machine.
+    if !Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("skipped: `unshare -n` is not available here");
+        return;
+    }
+    let (status, err) =
+        run_cmd(Command::new("unshare").args(["-n", BIN, "--backends", "no-such-host.invalid:80"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot resolve backend 'no-such-host.invalid:80'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--backends",
+        "--strategy",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--max-connections",
+        "--drain-timeout",
+        "--log-format",
+        "--metrics",
+        "Examples:",
+        "@",
+    ] {
+        assert!(help.contains(flag), "--help does not mention {flag}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Running
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_names_resolve() {
+    let first = std::net::ToSocketAddrs::to_socket_addrs("localhost:0")
+        .unwrap()
+        .next()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind(first).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _backend = Backend::serve(listener, common::echo);
+    let target = format!("localhost:{port}");
+    let (_lb, addr) = start(&["--backends", &target]).await;
+    let data = Arc::new(pattern(1, 10_000));
+    let got = common::echo_roundtrip(addr, data.clone()).await.unwrap();
+    assert_eq!(got, *data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_refuses_new_connects_and_drains_a_20_mib_transfer() {
+    let backend = Backend::echo().await;
+    let target = backend.addr.to_string();
+    let (mut lb, addr) = start(&["--backends", &target, "--drain-timeout", "30s"]).await;
+
+    let data = Arc::new(pattern(20, 20 << 20));
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(256 * 1024) {
+            w.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await; // stay in flight for a while
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = vec![0u8; 2 << 20];
+    r.read_exact(&mut got).await.unwrap();
+
+    lb.signal(libc::SIGTERM);
+    wait_until("new connects to be refused", Duration::from_secs(5), || {
+        matches!(std::net::TcpStream::connect(addr),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .await;
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == *data, "the 20 MiB transfer was not byte-exact");
+
+    let status = lb
+        .wait_for(Duration::from_secs(10))
+        .expect("no exit after drain");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let backend = Backend::tagged(0).await;
+    let target = backend.addr.to_string();
+    let (mut lb, addr) = start(&["--backends", &target, "--drain-timeout", "60s"]).await;
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    let mut tag = [0u8; 1];
+    held.read_exact(&mut tag).await.unwrap();
+    lb.signal(libc::SIGINT);
+    wait_until("new connects to be refused", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    assert!(
+        lb.0.try_wait().unwrap().is_none(),
+        "it must wait for the held connection"
+    );
+    let t0 = Instant::now();
+    lb.signal(libc::SIGTERM);
+    let status = lb
+        .wait_for(Duration::from_secs(5))
+        .expect("second signal ignored");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_neither_ends_nor_spins_the_server() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: prlimit is not available");
+        return;
+    }
+    let backend = Backend::tagged(7).await;
+    let listen = free_port();
+    let mut lb = Proc(
+        Command::new("prlimit")
+            .args([
+                "--nofile=48:48",
+                BIN,
+                "--listen",
+                &listen.to_string(),
+                "--backends",
+            ])
+            .arg(backend.addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let start = Instant::now();
+    while TcpStream::connect(listen).await.is_err() {
+        assert!(start.elapsed() < Duration::from_secs(10), "never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Far more clients than 48 descriptors allow: some are served, the rest wait in the backlog while
+    // accept() fails with EMFILE.
+    // (A client accepted when no descriptor is left for its backend connection is reset.)
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        if let Ok(c) = TcpStream::connect(listen).await {
+            clients.push(c);
+        }
+    }
+    let served = |clients: &mut Vec<TcpStream>| {
+        let mut n = 0;
+        for c in clients.iter_mut() {
+            let mut b = [0u8; 1];
+            if matches!(c.try_read(&mut b), Ok(1)) {
+                n += 1;
+            }
+        }
+        n
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = served(&mut clients);
+    assert!(
+        first > 0 && first < 24,
+        "{first} of 40 served with 48 descriptors"
+    );
+    let cpu0 = lb.cpu_time();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let burned = lb.cpu_time() - cpu0;
+    assert!(
+        burned < Duration::from_millis(300),
+        "spinning on EMFILE: {burned:?} CPU in 1 s"
+    );
+    assert!(lb.0.try_wait().unwrap().is_none(), "the server exited");
+
+    // Free the descriptors: the server goes on and serves new clients.
+    drop(clients);
+    let t0 = Instant::now();
+    loop {
+        if let Ok(mut c) = TcpStream::connect(listen).await {
+            let mut b = [0u8; 1];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await
+            {
+                assert_eq!(b[0], 7);
+                break;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never recovered");
+    }
+}
