@@ -6,7 +6,7 @@
 //! leak a count.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,9 @@ pub struct Backend {
     down_until: AtomicU64,
     /// How many times in a row it was marked down: the back-off doubles with each.
     downs_in_a_row: AtomicU32,
+    /// Cleared by the operator or a supervisor (`BalancerHandle::set_backend_enabled`): the backend takes no
+    /// new connections, whatever its health; connections already open carry on.
+    enabled: AtomicBool,
     /// Sequence number of the last least-connections pick of this backend (ties go to the oldest).
     pub(crate) last_pick: AtomicU64,
     pub(crate) metrics: BackendMetrics,
@@ -43,7 +46,7 @@ pub struct Backend {
 impl Backend {
     pub(crate) fn new(name: &str, addr: SocketAddr, weight: u32) -> Self {
         let metrics = BackendMetrics::register(name);
-        metrics.set_up(true);
+        metrics.set_up(true); // healthy and enabled until told otherwise
         metrics.set_weight(weight);
         Backend {
             name: name.into(),
@@ -55,6 +58,7 @@ impl Backend {
             consecutive_failures: AtomicU32::new(0),
             down_until: AtomicU64::new(0),
             downs_in_a_row: AtomicU32::new(0),
+            enabled: AtomicBool::new(true),
             last_pick: AtomicU64::new(0),
             metrics,
         }
@@ -80,11 +84,28 @@ impl Backend {
         self.active.load(Relaxed)
     }
 
-    /// True while the backend may be picked: it is not inside a passive-health back-off.
+    /// True while the backend may be picked: it is enabled and not inside a passive-health back-off.
     #[inline]
     pub(crate) fn is_available(&self, now_ms: u64) -> bool {
         let until = self.down_until.load(Relaxed);
-        until == 0 || until <= now_ms
+        (until == 0 || until <= now_ms) && self.enabled.load(Relaxed)
+    }
+
+    /// Takes the backend out of rotation (`false`) or puts it back (`true`). Returns the previous value.
+    pub(crate) fn set_enabled(&self, enabled: bool) -> bool {
+        let was = self.enabled.swap(enabled, Relaxed);
+        if was != enabled {
+            self.publish_up();
+            tracing::info!(backend = %self.name, addr = %self.addr, enabled, "backend rotation changed");
+        }
+        was
+    }
+
+    /// Updates the `ulb_backend_up` gauge: 1 while enabled and healthy.
+    fn publish_up(&self) {
+        let until = self.down_until.load(Relaxed);
+        let healthy = until == 0 || until <= now_ms();
+        self.metrics.set_up(healthy && self.enabled.load(Relaxed));
     }
 
     /// A point-in-time copy of this backend's counters.
@@ -99,6 +120,7 @@ impl Backend {
             total: self.total.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             up: until == 0 || until <= now,
+            enabled: self.enabled.load(Relaxed),
             down_for: (until > now).then(|| Duration::from_millis(until - now)),
         }
     }
@@ -111,7 +133,7 @@ impl Backend {
         }
         if self.downs_in_a_row.load(Relaxed) != 0 && self.downs_in_a_row.swap(0, Relaxed) != 0 {
             self.down_until.store(0, Relaxed);
-            self.metrics.set_up(true);
+            self.publish_up();
             tracing::info!(backend = %self.name, addr = %self.addr, "backend is up again");
         }
     }
@@ -172,6 +194,8 @@ pub struct BackendStats {
     pub connect_failures: u64,
     /// False while it is inside a passive-health back-off.
     pub up: bool,
+    /// False while it has been taken out of rotation by hand (or by the cluster supervisor).
+    pub enabled: bool,
     /// How long the back-off still runs, when down.
     pub down_for: Option<Duration>,
 }

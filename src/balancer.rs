@@ -270,6 +270,25 @@ impl BalancerHandle {
         self.shared.tracker.len()
     }
 
+    /// Takes the backend at `addr` out of rotation (`enabled = false`: no new connections; open ones carry
+    /// on) or puts it back. Returns `false` if no backend has that address.
+    pub fn set_backend_enabled(&self, addr: SocketAddr, enabled: bool) -> bool {
+        let table = self.shared.selector.table();
+        let mut found = false;
+        for b in table.backends.iter().filter(|b| b.addr() == addr) {
+            b.set_enabled(enabled);
+            found = true;
+        }
+        found
+    }
+
+    /// Live state of the backend at `addr`.
+    pub fn backend(&self, addr: SocketAddr) -> Option<BackendStats> {
+        let table = self.shared.selector.table();
+        let found = table.backends.iter().find(|b| b.addr() == addr);
+        found.map(|b| b.stats())
+    }
+
     /// Live per-backend state, in configuration order.
     pub fn backends(&self) -> Vec<BackendStats> {
         self.shared

@@ -226,11 +226,16 @@ impl Selector {
         let now = now_ms();
         let ok = |b: &Arc<Backend>| usable(b, tried, now);
         let picked = match self.strategy {
+            // A slot whose backend is unusable is skipped by drawing again, not by walking on to the
+            // neighbour: walking would hand every turn of a down backend to the one after it.
             Strategy::RoundRobin => {
-                let start = self.cursor.fetch_add(1, Relaxed);
-                walk(backends, schedule, start, ok)
+                let draw = || self.cursor.fetch_add(1, Relaxed);
+                redraw(backends, schedule, schedule.len(), draw, ok)
             }
-            Strategy::Random => walk(backends, schedule, self.rng.below(schedule.len()), ok),
+            Strategy::Random => {
+                let draw = || self.rng.below(schedule.len());
+                redraw(backends, schedule, RANDOM_REDRAWS, draw, ok)
+            }
             Strategy::PowerOfTwoChoices => self.pick_p2c(backends, schedule, ok),
             Strategy::LeastConnections => {
                 let seq = self.cursor.fetch_add(1, Relaxed) as u64 + 1;
@@ -269,7 +274,10 @@ impl Selector {
             (true, true) => Some(if less_loaded(bb, ba) { bb } else { ba }),
             (true, false) => Some(ba),
             (false, true) => Some(bb),
-            (false, false) => walk(backends, schedule, first, ok),
+            (false, false) => {
+                let draw = || self.rng.below(n);
+                redraw(backends, schedule, RANDOM_REDRAWS, draw, ok)
+            }
         }
     }
 }
@@ -277,6 +285,31 @@ impl Selector {
 #[inline]
 fn usable(b: &Arc<Backend>, tried: &[Arc<Backend>], now: u64) -> bool {
     b.is_available(now) && !tried.iter().any(|t| Arc::ptr_eq(t, b))
+}
+
+/// Random draws tried before falling back to a walk along the schedule.
+const RANDOM_REDRAWS: usize = 8;
+
+/// Draws slots with `draw` until one holds a usable backend (at most `tries` draws), then walks on from the
+/// last draw so that a usable backend is found whenever there is one.
+#[inline]
+fn redraw<'t>(
+    backends: &'t [Arc<Backend>],
+    schedule: &[u32],
+    tries: usize,
+    mut draw: impl FnMut() -> usize,
+    ok: impl Fn(&Arc<Backend>) -> bool,
+) -> Option<&'t Arc<Backend>> {
+    let n = schedule.len();
+    let mut slot = 0;
+    for _ in 0..tries.max(1) {
+        slot = draw() % n;
+        let b = &backends[schedule[slot] as usize];
+        if ok(b) {
+            return Some(b);
+        }
+    }
+    walk(backends, schedule, slot, ok)
 }
 
 /// The first usable backend along the schedule from `start` (wrapping).
@@ -396,6 +429,36 @@ mod tests {
                 sel.pick(&all).is_none(),
                 "{strategy}: nothing usable is left"
             );
+        }
+    }
+
+    #[test]
+    fn a_down_backend_s_turns_are_shared_by_all_the_others() {
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::Random,
+            Strategy::PowerOfTwoChoices,
+        ] {
+            let bs = backends(&[1, 1, 1, 1]);
+            let policy = crate::config::PassiveHealth::default();
+            for _ in 0..policy.failure_threshold {
+                bs[1].connect_failed(&policy);
+            }
+            let sel = Selector::new(Table::new(bs.clone()), strategy, 11);
+            let mut counts = [0usize; 4];
+            for _ in 0..3000 {
+                counts[index_of(&bs, &sel.pick(&[]).unwrap())] += 1;
+            }
+            assert_eq!(counts[1], 0);
+            for i in [0, 2, 3] {
+                assert!(
+                    (850..=1150).contains(&counts[i]),
+                    "{strategy}: uneven shares {counts:?}"
+                );
+            }
+            if strategy == Strategy::RoundRobin {
+                assert_eq!(counts, [1000, 0, 1000, 1000]);
+            }
         }
     }
 

@@ -557,7 +557,8 @@ async fn the_connection_limit_holds_and_waiting_clients_are_served_later() {
         .expect("the waiting client was never served")
         .unwrap();
     assert_eq!(backend.accepted(), 3);
-    lb.stop().await;
+    drop((_b, c));
+    assert_eq!(lb.stop().await.forced, 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -646,4 +647,35 @@ async fn stats_count_every_connection_and_no_count_leaks() {
     )
     .await;
     lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_backend_takes_no_new_connections_but_keeps_its_open_ones() {
+    let bs = tagged(2).await;
+    let lb = Running::start(config(&addrs(&bs))).await;
+    let (first, mut open) = lb.tag().await;
+    assert_eq!(first, 0);
+    assert!(lb.handle.set_backend_enabled(bs[0].addr, false));
+    assert!(!lb
+        .handle
+        .set_backend_enabled(common::refusing_addr(), false));
+    for _ in 0..20 {
+        assert_eq!(lb.tag().await.0, 1, "a disabled backend got a connection");
+    }
+    // The connection opened before still works.
+    open.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    let stats = lb.handle.backend(bs[0].addr).unwrap();
+    assert!(!stats.enabled && stats.up && stats.active == 1, "{stats:?}");
+
+    lb.handle.set_backend_enabled(bs[0].addr, true);
+    let mut seen = [0; 2];
+    for _ in 0..10 {
+        seen[lb.tag().await.0 as usize] += 1;
+    }
+    assert_eq!(seen, [5, 5]);
+    drop(open);
+    assert_eq!(lb.stop().await.forced, 0);
 }
