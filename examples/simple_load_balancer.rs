@@ -34,8 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(_) => 3000,
     };
     let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-    let listener =
-        ulb_tcp::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let listener = ulb_tcp::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let balancer = TcpBalancer::new(config)?;
     let handle = balancer.handle();
 

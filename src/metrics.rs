@@ -107,6 +107,7 @@ pub fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    crate::pool::describe_metrics();
 }
 
 /// Errors from [`install_prometheus`].
@@ -137,6 +138,7 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
                 CONNECTION_BUCKETS,
             )
         })
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Prefix(POOL_PREFIX.into()), POOL_BUCKETS))
         .map_err(|e| err(Box::new(e)))?
         .install()
         .map_err(|e| err(Box::new(e)))?;
@@ -237,3 +239,31 @@ impl GlobalMetrics {
         }
     }
 }
+
+// Blocking pool
+
+/// Jobs running on a [`BlockingPool`](crate::pool::BlockingPool) now (gauge; summed over pools).
+pub const POOL_JOBS_RUNNING: &str = "ulb_pool_jobs_running";
+/// Jobs admitted to a pool's queue and waiting for a slot now (gauge; summed over pools).
+pub const POOL_JOBS_QUEUED: &str = "ulb_pool_jobs_queued";
+/// Pool jobs by `outcome`: `ok`, `panicked`, `rejected` (queue full or pool closed), `timeout` (no slot
+/// before the deadline of `run_timeout`), `cancelled` (dropped before it started).
+pub const POOL_JOBS_TOTAL: &str = "ulb_pool_jobs_total";
+/// Time from submission of a pool job to its start, for jobs that started (histogram, seconds).
+pub const POOL_QUEUE_WAIT_SECONDS: &str = "ulb_pool_queue_wait_seconds";
+/// Time a pool job ran on its blocking thread (histogram, seconds).
+pub const POOL_RUN_SECONDS: &str = "ulb_pool_run_seconds";
+/// Label values of [`POOL_JOBS_TOTAL`]'s `outcome`: the job ran and returned.
+pub const POOL_OUTCOME_OK: &str = "ok";
+/// See [`POOL_OUTCOME_OK`]: the job ran and panicked.
+pub const POOL_OUTCOME_PANICKED: &str = "panicked";
+/// See [`POOL_OUTCOME_OK`]: the job was refused (queue full, or pool closed) and never ran.
+pub const POOL_OUTCOME_REJECTED: &str = "rejected";
+/// See [`POOL_OUTCOME_OK`]: no slot came before the deadline; the job never ran.
+pub const POOL_OUTCOME_TIMEOUT: &str = "timeout";
+/// See [`POOL_OUTCOME_OK`]: the caller dropped the job before it started (or the runtime shut down).
+pub const POOL_OUTCOME_CANCELLED: &str = "cancelled";
+/// Histogram buckets for pool queue waits and run times (seconds): 10 µs to 60 s.
+pub const POOL_BUCKETS: &[f64] = &[
+    0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
+];
