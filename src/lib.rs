@@ -70,3 +70,59 @@ pub use backend::BackendStats;
 pub use balancer::{bind, BalancerHandle, ShutdownReport, TcpBalancer};
 pub use config::{BackendConfig, BackendSpec, BalancerConfig, ConfigError, PassiveHealth};
 pub use strategy::{Strategy, UnknownStrategy};
+
+#[doc(hidden)]
+pub mod bench_support {
+    //! Internals exposed for the criterion benchmarks in `benches/`; not a stable API.
+
+    use std::sync::Arc;
+
+    use crate::backend::{ActiveGuard, Backend};
+    use crate::strategy::{Selector, Table};
+    use crate::Strategy;
+
+    /// A strategy table over backends of the given weights (their addresses are never connected to).
+    pub struct Picker {
+        selector: Selector,
+        backends: Vec<Arc<Backend>>,
+    }
+
+    impl Picker {
+        /// Builds the table.
+        pub fn new(weights: &[u32], strategy: Strategy) -> Self {
+            let backends: Vec<Arc<Backend>> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| {
+                    let port = 1 + (i % 65_000) as u16;
+                    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                    Arc::new(Backend::new(&format!("b{i}"), addr, w))
+                })
+                .collect();
+            Picker {
+                selector: Selector::new(Table::new(backends.clone()), strategy, 42),
+                backends,
+            }
+        }
+
+        /// One pick, as a connection makes it (the `Arc` it returns is dropped).
+        #[inline]
+        pub fn pick(&self) -> bool {
+            self.selector.pick(&[]).is_some()
+        }
+
+        /// The per-connection bookkeeping: guard taken, counted as connected, dropped.
+        #[inline]
+        pub fn bookkeeping(&self, i: usize) {
+            let guard = ActiveGuard::new(self.backends[i % self.backends.len()].clone());
+            guard.connected();
+        }
+
+        /// Holds `n` guards spread over the backends, so least-connections has uneven load to compare.
+        pub fn hold(&self, n: usize) -> Vec<impl Sized> {
+            (0..n)
+                .map(|i| ActiveGuard::new(self.backends[(i * 7) % self.backends.len()].clone()))
+                .collect()
+        }
+    }
+}
