@@ -123,6 +123,32 @@ impl BackendSpec {
     }
 }
 
+/// How bytes are moved between a client and its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CopyMode {
+    /// ulb-tcp's own pumps: one per direction, buffers borrowed from a per-thread pool only while data is
+    /// in flight, idle and half-close timeouts enforced. The default.
+    #[default]
+    Pooled,
+    /// Tokio's `copy_bidirectional` with two 8 KiB buffers per connection, held for its whole life. Kept as
+    /// the portable baseline that the benchmarks compare against. Half-close and resets are handled as in
+    /// `Pooled`, but the idle and half-close timeouts are not enforced (only the drain deadline is).
+    Plain,
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pooled" => Ok(CopyMode::Pooled),
+            "plain" => Ok(CopyMode::Plain),
+            _ => Err(ConfigError::Invalid(format!(
+                "unknown copy mode '{s}' (expected pooled or plain)"
+            ))),
+        }
+    }
+}
+
 /// Passive health: how connect failures take a backend out of rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassiveHealth {
@@ -167,8 +193,10 @@ pub struct BalancerConfig {
     pub drain_timeout: Duration,
     /// Passive health checking.
     pub health: PassiveHealth,
-    /// Bytes of buffer per direction while data is in flight (default 16 KiB).
+    /// Bytes of buffer per direction while data is in flight (default 16 KiB; `Pooled` mode).
     pub buffer_size: usize,
+    /// How bytes are moved (default [`CopyMode::Pooled`]).
+    pub copy_mode: CopyMode,
     /// Seed for the random and p2c strategies; `None` takes one from the OS.
     pub seed: Option<u64>,
 }
@@ -187,6 +215,7 @@ impl BalancerConfig {
             drain_timeout: Duration::from_secs(30),
             health: PassiveHealth::default(),
             buffer_size: 16 * 1024,
+            copy_mode: CopyMode::Pooled,
             seed: None,
         }
     }
@@ -234,6 +263,11 @@ impl BalancerConfig {
     /// Sets the per-direction buffer size.
     pub fn buffer_size(mut self, bytes: usize) -> Self {
         self.buffer_size = bytes;
+        self
+    }
+    /// Sets how bytes are moved.
+    pub fn copy_mode(mut self, mode: CopyMode) -> Self {
+        self.copy_mode = mode;
         self
     }
     /// Seeds the random and p2c strategies (for reproducible tests).

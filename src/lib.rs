@@ -68,7 +68,9 @@ mod strategy;
 
 pub use backend::BackendStats;
 pub use balancer::{bind, BalancerHandle, ShutdownReport, TcpBalancer};
-pub use config::{BackendConfig, BackendSpec, BalancerConfig, ConfigError, PassiveHealth};
+pub use config::{
+    BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
+};
 pub use strategy::{Strategy, UnknownStrategy};
 
 #[doc(hidden)]

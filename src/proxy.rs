@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::backend::{ActiveGuard, Backend};
 use crate::balancer::Shared;
+use crate::config::CopyMode;
 use crate::metrics::ConnectFailure;
 
 /// Carries one accepted client connection to its end. `_permit` holds its place under the connection limit.
@@ -49,9 +50,16 @@ pub(crate) async fn serve_connection(
     };
 
     let counts = Counts::default();
-    let end = tokio::select! {
-        end = splice(&shared, &client, &backend, guard.backend(), &counts) => end,
-        () = shared.hard_stop.cancelled() => End::DrainDeadline,
+    let (mut client, mut backend) = (client, backend);
+    let end = match shared.config.copy_mode {
+        CopyMode::Pooled => tokio::select! {
+            end = splice(&shared, &client, &backend, guard.backend(), &counts) => end,
+            () = shared.hard_stop.cancelled() => End::DrainDeadline,
+        },
+        CopyMode::Plain => tokio::select! {
+            end = plain_copy(&mut client, &mut backend, guard.backend(), &counts) => end,
+            () = shared.hard_stop.cancelled() => End::DrainDeadline,
+        },
     };
     if !matches!(end, End::Closed) {
         abort(&client);
@@ -175,6 +183,8 @@ enum End {
     ReadFailed(Side, io::Error),
     /// Writing to `side` failed (it is gone).
     WriteFailed(Side, io::Error),
+    /// The plain path's copy failed on one side or the other.
+    CopyFailed(io::Error),
     /// A shutdown's drain deadline passed.
     DrainDeadline,
 }
@@ -187,8 +197,30 @@ impl std::fmt::Display for End {
             End::Idle { half_closed: true } => f.write_str("half-close timeout"),
             End::ReadFailed(side, e) => write!(f, "read from {side:?} failed: {e}"),
             End::WriteFailed(side, e) => write!(f, "write to {side:?} failed: {e}"),
+            End::CopyFailed(e) => write!(f, "copy failed: {e}"),
             End::DrainDeadline => f.write_str("closed at the drain deadline"),
         }
+    }
+}
+
+/// The baseline path: Tokio's `copy_bidirectional` with 8 KiB buffers. Byte counts are known only at the
+/// end (or not at all when it fails), so metrics and the per-connection log see them late or never.
+async fn plain_copy(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    b: &Backend,
+    counts: &Counts,
+) -> End {
+    match tokio::io::copy_bidirectional_with_sizes(client, backend, 8192, 8192).await {
+        Ok((up, down)) => {
+            counts.to_backend.store(up, Relaxed);
+            counts.to_client.store(down, Relaxed);
+            b.metrics.bytes_to_backend.increment(up);
+            b.metrics.bytes_to_client.increment(down);
+            End::Closed
+        }
+        // copy_bidirectional does not say which side failed; either way both are reset.
+        Err(e) => End::CopyFailed(e),
     }
 }
 

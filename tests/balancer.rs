@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use common::{echo_roundtrip, fnv, pattern, refusing_addr, wait_until, Backend, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ulb_tcp::{BackendConfig, BalancerConfig, PassiveHealth, Strategy};
+use ulb_tcp::{BackendConfig, BalancerConfig, CopyMode, PassiveHealth, Strategy};
+
+/// Both data paths must pass the integrity, half-close and reset tests unchanged.
+const MODES: [CopyMode; 2] = [CopyMode::Pooled, CopyMode::Plain];
 
 fn config(addrs: &[std::net::SocketAddr]) -> BalancerConfig {
     BalancerConfig::new(addrs.iter().map(|&a| BackendConfig::new(a)))
@@ -186,16 +189,22 @@ async fn no_strategy_picks_a_backend_that_is_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_size_arrives_byte_exact_both_ways() {
+    for mode in MODES {
+        every_size(mode).await;
+    }
+}
+
+async fn every_size(mode: CopyMode) {
     let backend = Backend::echo().await;
-    let lb = Running::start(config(&[backend.addr])).await;
+    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
     for (i, len) in [0, 1, 8191, 8192, 8193, 65535, 1 << 20, 64 << 20]
         .into_iter()
         .enumerate()
     {
         let data = Arc::new(pattern(i as u64, len));
         let got = echo_roundtrip(lb.addr, data.clone()).await.unwrap();
-        assert_eq!(got.len(), len, "length for {len} bytes");
-        assert_eq!(fnv(&got), fnv(&data), "content for {len} bytes");
+        assert_eq!(got.len(), len, "{mode:?}: length for {len} bytes");
+        assert_eq!(fnv(&got), fnv(&data), "{mode:?}: content for {len} bytes");
     }
     lb.wait_for("connections to close", |s| s[0].active == 0)
         .await;
@@ -205,8 +214,14 @@ async fn every_size_arrives_byte_exact_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_clients_each_get_their_own_bytes() {
+    for mode in MODES {
+        a_hundred_concurrent_clients(mode).await;
+    }
+}
+
+async fn a_hundred_concurrent_clients(mode: CopyMode) {
     let backend = Backend::echo().await;
-    let lb = Running::start(config(&[backend.addr])).await;
+    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..100u64 {
         let addr = lb.addr;
@@ -219,7 +234,7 @@ async fn a_hundred_concurrent_clients_each_get_their_own_bytes() {
     let mut ok = 0;
     while let Some(r) = tasks.join_next().await {
         let (i, same) = r.unwrap().unwrap();
-        assert!(same, "client {i} got bytes that are not its own");
+        assert!(same, "{mode:?}: client {i} got bytes that are not its own");
         ok += 1;
     }
     assert_eq!(ok, 100);
@@ -244,8 +259,14 @@ async fn summarising_backend() -> Backend {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_half_close_reaches_the_backend_and_the_answer_still_flows() {
+    for mode in MODES {
+        client_half_close(mode).await;
+    }
+}
+
+async fn client_half_close(mode: CopyMode) {
     let backend = summarising_backend().await;
-    let lb = Running::start(config(&[backend.addr])).await;
+    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
     let data = pattern(5, 300_000);
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(&data).await.unwrap();
@@ -255,7 +276,7 @@ async fn client_half_close_reaches_the_backend_and_the_answer_still_flows() {
     let header = format!("{} {:016x}\n", data.len(), fnv(&data));
     assert!(
         answer.starts_with(header.as_bytes()),
-        "backend saw something else"
+        "{mode:?}: backend saw something else"
     );
     assert_eq!(&answer[header.len()..], &pattern(77, 1 << 20)[..]);
     lb.stop().await;
@@ -263,6 +284,12 @@ async fn client_half_close_reaches_the_backend_and_the_answer_still_flows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
+    for mode in MODES {
+        backend_half_close(mode).await;
+    }
+}
+
+async fn backend_half_close(mode: CopyMode) {
     let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
     let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
     let backend = Backend::spawn(move |mut s| {
@@ -278,7 +305,7 @@ async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
         }
     })
     .await;
-    let lb = Running::start(config(&[backend.addr])).await;
+    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     let mut greeting = Vec::new();
     s.read_to_end(&mut greeting).await.unwrap(); // ends with the backend's FIN
@@ -292,7 +319,7 @@ async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
         .unwrap();
     assert_eq!(
         got, late,
-        "bytes sent after the backend's FIN must still arrive"
+        "{mode:?}: bytes sent after the backend's FIN must still arrive"
     );
     lb.stop().await;
 }
@@ -302,27 +329,48 @@ async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_reset_mid_stream_reaches_the_client_as_an_error() {
+    for mode in MODES {
+        backend_reset(mode).await;
+    }
+}
+
+async fn backend_reset(mode: CopyMode) {
     let backend = Backend::spawn(|mut s| async move {
         let _ = s.write_all(&pattern(1, 200_000)).await;
         let _ = s.set_zero_linger();
         drop(s); // RST
     })
     .await;
-    let lb = Running::start(config(&[backend.addr])).await;
+    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
     for _ in 0..10 {
-        let mut s = TcpStream::connect(lb.addr).await.unwrap();
-        let mut buf = Vec::new();
-        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
-            .await
-            .unwrap();
+        // The reset can arrive before the connect has even been reported: that too is an error.
+        let r = match TcpStream::connect(lb.addr).await {
+            Ok(mut s) => {
+                let mut buf = Vec::new();
+                tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+                    .await
+                    .unwrap()
+            }
+            Err(e) => Err(e),
+        };
         let err = r.expect_err("a reset must not look like a clean end of stream");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "{mode:?}: {err}"
+        );
     }
     lb.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reset_reaches_the_backend_as_an_error() {
+    for mode in MODES {
+        client_reset(mode).await;
+    }
+}
+
+async fn client_reset(mode: CopyMode) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Backend::spawn(move |mut s| {
         let tx = tx.clone();
@@ -332,7 +380,7 @@ async fn a_client_reset_reaches_the_backend_as_an_error() {
         }
     })
     .await;
-    let lb = Running::start(config(&[backend.addr])).await;
+    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(b"partial request").await.unwrap();
     lb.wait_for("the backend connection", |st| st[0].total == 1)
@@ -343,7 +391,7 @@ async fn a_client_reset_reaches_the_backend_as_an_error() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset));
+    assert_eq!(r, Err(std::io::ErrorKind::ConnectionReset), "{mode:?}");
     lb.stop().await;
 }
 
@@ -592,7 +640,8 @@ async fn shutdown_refuses_new_clients_and_lets_transfers_finish() {
     assert_eq!(got.len(), data.len());
     assert!(got == *data, "the in-flight transfer was corrupted");
     let report = lb.stop().await;
-    assert_eq!(report.in_flight, 1);
+    // (A probe connect that raced the shutdown may have been accepted too; it ends at once.)
+    assert!(report.in_flight >= 1, "{report:?}");
     assert_eq!(report.forced, 0);
 }
 
