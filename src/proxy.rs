@@ -326,6 +326,13 @@ impl Pump<'_> {
 
     /// Copies until EOF (then passes the FIN on) or an error.
     async fn run(self) -> Result<(), End> {
+        // Counted locally and published once per burst (and when dropped, whatever the way out), so that
+        // the shared counters see one atomic add per burst rather than one per write, and stay exact.
+        let mut tally = Tally {
+            pending: 0,
+            carried: self.carried,
+            metric: self.metric,
+        };
         loop {
             // Wait with no buffer held: an idle connection costs no buffer memory.
             self.from
@@ -337,6 +344,7 @@ impl Pump<'_> {
                 match self.from.try_read(&mut buf) {
                     Ok(0) => {
                         drop(buf);
+                        tally.flush();
                         socket2::SockRef::from(self.to)
                             .shutdown(Shutdown::Write)
                             .map_err(|e| End::WriteFailed(self.to_side, e))?;
@@ -344,34 +352,66 @@ impl Pump<'_> {
                     }
                     Ok(n) => {
                         self.activity.touch();
-                        self.write_all(&buf[..n])
+                        self.write_all(&buf[..n], &mut tally)
                             .await
                             .map_err(|e| End::WriteFailed(self.to_side, e))?;
+                        if tally.pending >= TALLY_FLUSH_BYTES {
+                            tally.flush();
+                        }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(End::ReadFailed(self.source_side(), e)),
                 }
             }
+            tally.flush();
         }
     }
 
-    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+    async fn write_all(&self, mut data: &[u8], tally: &mut Tally<'_>) -> io::Result<()> {
         while !data.is_empty() {
             match self.to.try_write(data) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     data = &data[n..];
-                    self.carried.fetch_add(n as u64, Relaxed);
-                    self.metric.increment(n as u64);
+                    tally.pending += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.to.writable().await?;
+                    // A slow reader that takes bytes is progress, not idleness.
                     self.activity.touch();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.to.writable().await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+}
+
+/// Bytes written but not yet published; a long burst publishes at least this often.
+const TALLY_FLUSH_BYTES: u64 = 1 << 20;
+
+/// Bytes one pump has written and not yet added to the connection's and the backend's counters.
+struct Tally<'a> {
+    pending: u64,
+    carried: &'a AtomicU64,
+    metric: &'a Counter,
+}
+
+impl Tally<'_> {
+    fn flush(&mut self) {
+        if self.pending != 0 {
+            self.carried.fetch_add(self.pending, Relaxed);
+            self.metric.increment(self.pending);
+            self.pending = 0;
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
