@@ -130,6 +130,9 @@ pub enum CopyMode {
     /// in flight, idle and half-close timeouts enforced. The default.
     #[default]
     Pooled,
+    /// Linux only: `splice(2)` through a pipe borrowed from a per-thread pool while data is in flight, so
+    /// bytes never enter user space. Same pumps, timeouts and accounting as `Pooled`.
+    Splice,
     /// Tokio's `copy_bidirectional` with two 8 KiB buffers per connection, held for its whole life. Kept as
     /// the portable baseline that the benchmarks compare against. Half-close and resets are handled as in
     /// `Pooled`, but the idle and half-close timeouts are not enforced (only the drain deadline is).
@@ -142,8 +145,9 @@ impl std::str::FromStr for CopyMode {
         match s {
             "pooled" => Ok(CopyMode::Pooled),
             "plain" => Ok(CopyMode::Plain),
+            "splice" => Ok(CopyMode::Splice),
             _ => Err(ConfigError::Invalid(format!(
-                "unknown copy mode '{s}' (expected pooled or plain)"
+                "unknown copy mode '{s}' (expected pooled, splice or plain)"
             ))),
         }
     }
@@ -310,6 +314,11 @@ impl BalancerConfig {
                 self.max_connections,
                 tokio::sync::Semaphore::MAX_PERMITS
             )));
+        }
+        if self.copy_mode == CopyMode::Splice && !cfg!(target_os = "linux") {
+            return Err(ConfigError::Invalid(
+                "copy mode 'splice' needs Linux".into(),
+            ));
         }
         if self.health.failure_threshold == 0 {
             return Err(ConfigError::Invalid(

@@ -64,6 +64,8 @@ pub mod config;
 pub mod metrics;
 pub mod pool;
 mod proxy;
+#[cfg(target_os = "linux")]
+mod splice;
 mod strategy;
 
 pub use backend::BackendStats;

@@ -52,7 +52,7 @@ pub(crate) async fn serve_connection(
     let counts = Counts::default();
     let (mut client, mut backend) = (client, backend);
     let end = match shared.config.copy_mode {
-        CopyMode::Pooled => tokio::select! {
+        CopyMode::Pooled | CopyMode::Splice => tokio::select! {
             end = splice(&shared, &client, &backend, guard.backend(), &counts) => end,
             () = shared.hard_stop.cancelled() => End::DrainDeadline,
         },
@@ -270,8 +270,9 @@ async fn splice(
         activity: &activity,
         buffer_size: cfg.buffer_size,
     };
-    let up = up.run();
-    let down = down.run();
+    let use_splice = cfg.copy_mode == CopyMode::Splice;
+    let up = up.run(use_splice);
+    let down = down.run(use_splice);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let idle = tokio::time::sleep(cfg.idle_timeout);
@@ -324,8 +325,89 @@ impl Pump<'_> {
         }
     }
 
-    /// Copies until EOF (then passes the FIN on) or an error.
-    async fn run(self) -> Result<(), End> {
+    /// Copies until EOF (then passes the FIN on) or an error, through pipes (`splice`) or buffers.
+    async fn run(self, use_splice: bool) -> Result<(), End> {
+        #[cfg(target_os = "linux")]
+        if use_splice {
+            return self.run_splice().await;
+        }
+        let _ = use_splice;
+        self.run_buffered().await
+    }
+
+    /// Passes the FIN on: the source has ended.
+    fn forward_eof(&self) -> Result<(), End> {
+        socket2::SockRef::from(self.to)
+            .shutdown(Shutdown::Write)
+            .map_err(|e| End::WriteFailed(self.to_side, e))
+    }
+
+    /// The zero-copy pump: socket → pipe → socket with `splice(2)`. The pipe is always drained before it is
+    /// filled again, so an `EAGAIN` while filling means the socket is empty (never that the pipe is full),
+    /// and readiness stays truthful.
+    #[cfg(target_os = "linux")]
+    async fn run_splice(self) -> Result<(), End> {
+        use crate::splice::{Pipe, CHUNK};
+        use std::os::fd::AsRawFd;
+        use tokio::io::Interest;
+
+        let mut tally = Tally {
+            pending: 0,
+            carried: self.carried,
+            metric: self.metric,
+        };
+        let (from_fd, to_fd) = (self.from.as_raw_fd(), self.to.as_raw_fd());
+        let read_failed = |e| End::ReadFailed(self.source_side(), e);
+        let write_failed = |e| End::WriteFailed(self.to_side, e);
+        loop {
+            self.from.readable().await.map_err(read_failed)?;
+            let pipe = Pipe::take().map_err(read_failed)?;
+            loop {
+                let filled = self
+                    .from
+                    .try_io(Interest::READABLE, || pipe.fill_from(from_fd, CHUNK));
+                let mut in_pipe = match filled {
+                    Ok(0) => {
+                        pipe.give_back();
+                        tally.flush();
+                        return self.forward_eof();
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // The pipe is dropped, not pooled: it may hold bytes.
+                    Err(e) => return Err(read_failed(e)),
+                };
+                self.activity.touch();
+                while in_pipe > 0 {
+                    match self
+                        .to
+                        .try_io(Interest::WRITABLE, || pipe.drain_into(to_fd, in_pipe))
+                    {
+                        Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                        Ok(n) => {
+                            in_pipe -= n;
+                            tally.pending += n as u64;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.to.writable().await.map_err(write_failed)?;
+                            self.activity.touch();
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(write_failed(e)),
+                    }
+                }
+                if tally.pending >= TALLY_FLUSH_BYTES {
+                    tally.flush();
+                }
+            }
+            pipe.give_back();
+            tally.flush();
+        }
+    }
+
+    /// The buffered pump: read into a pooled buffer, write it all out.
+    async fn run_buffered(self) -> Result<(), End> {
         // Counted locally and published once per burst (and when dropped, whatever the way out), so that
         // the shared counters see one atomic add per burst rather than one per write, and stay exact.
         let mut tally = Tally {
@@ -345,10 +427,7 @@ impl Pump<'_> {
                     Ok(0) => {
                         drop(buf);
                         tally.flush();
-                        socket2::SockRef::from(self.to)
-                            .shutdown(Shutdown::Write)
-                            .map_err(|e| End::WriteFailed(self.to_side, e))?;
-                        return Ok(());
+                        return self.forward_eof();
                     }
                     Ok(n) => {
                         self.activity.touch();

@@ -12,7 +12,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ulb_tcp::{BackendConfig, BalancerConfig, CopyMode, PassiveHealth, Strategy};
 
-/// Both data paths must pass the integrity, half-close and reset tests unchanged.
+/// Every data path must pass the integrity, half-close and reset tests unchanged.
+#[cfg(target_os = "linux")]
+const MODES: [CopyMode; 3] = [CopyMode::Pooled, CopyMode::Splice, CopyMode::Plain];
+#[cfg(not(target_os = "linux"))]
 const MODES: [CopyMode; 2] = [CopyMode::Pooled, CopyMode::Plain];
 
 fn config(addrs: &[std::net::SocketAddr]) -> BalancerConfig {
