@@ -519,6 +519,13 @@ async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_both_sides() {
+    // The plain path does not enforce idle timeouts (documented); the two pump paths must.
+    idle_timeout(CopyMode::Pooled).await;
+    #[cfg(target_os = "linux")]
+    idle_timeout(CopyMode::Splice).await;
+}
+
+async fn idle_timeout(mode: CopyMode) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Backend::spawn(move |mut s| {
         let tx = tx.clone();
@@ -534,7 +541,9 @@ async fn idle_timeout_closes_both_sides() {
         }
     })
     .await;
-    let cfg = config(&[backend.addr]).idle_timeout(Duration::from_millis(400));
+    let cfg = config(&[backend.addr])
+        .idle_timeout(Duration::from_millis(400))
+        .copy_mode(mode);
     let lb = Running::start(cfg).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(b"ping").await.unwrap();
@@ -554,7 +563,7 @@ async fn idle_timeout_closes_both_sides() {
     for (side, d) in [("client", client_side), ("backend", backend_side)] {
         assert!(
             d >= Duration::from_millis(300) && d < Duration::from_secs(3),
-            "{side} closed after {d:?}"
+            "{mode:?}: {side} closed after {d:?}"
         );
     }
     lb.stop().await;
