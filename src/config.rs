@@ -197,7 +197,8 @@ pub struct BalancerConfig {
     pub drain_timeout: Duration,
     /// Passive health checking.
     pub health: PassiveHealth,
-    /// Bytes of buffer per direction while data is in flight (default 16 KiB; `Pooled` mode).
+    /// Bytes of buffer per direction while data is in flight (default 64 KiB; `Pooled` mode). Idle
+    /// connections hold none: buffers are borrowed from a per-thread pool only while bytes move.
     pub buffer_size: usize,
     /// How bytes are moved (default [`CopyMode::Pooled`]).
     pub copy_mode: CopyMode,
@@ -218,7 +219,7 @@ impl BalancerConfig {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(30),
             health: PassiveHealth::default(),
-            buffer_size: 16 * 1024,
+            buffer_size: 64 * 1024,
             copy_mode: CopyMode::Pooled,
             seed: None,
         }
