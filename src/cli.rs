@@ -3,12 +3,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::ffi::OsString;
+
 use clap::{Parser, ValueEnum};
-use ulb_tcp::{BackendSpec, BalancerConfig, ConfigError, PassiveHealth, Strategy};
+use ulb_tcp::cluster::{ClusterConfig, RestartPolicy, WorkerCommand};
+use ulb_tcp::{BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth, Strategy};
 
 const EXAMPLES: &str = "\
 Examples:
   ulb-tcp --listen 127.0.0.1:3000 --backends 127.0.0.1:8081,127.0.0.1:8082
+  ulb-tcp cluster -p 4 --base-port 8081 --listen 127.0.0.1:3000 -- python3 -m http.server {port}
   ulb-tcp --listen 0.0.0.0:6379 --backends redis-a:6379@3 --backends redis-b:6379 \\
           --strategy least-connections --idle-timeout 1h --metrics 127.0.0.1:9100
 
@@ -19,9 +23,124 @@ in flight up to --drain-timeout and exits 0; a second signal exits at once with 
 Logs go to stderr; RUST_LOG (for example RUST_LOG=ulb_tcp=debug) overrides the level.";
 
 /// A Layer-4 TCP load balancer: accepts TCP connections and splices each to a backend.
+///
+/// Without a subcommand it runs the balancer (`ulb-tcp --backends ...`); `ulb-tcp cluster` supervises
+/// worker processes, optionally behind the balancer.
 #[derive(Debug, Parser)]
-#[command(name = "ulb-tcp", version, after_help = EXAMPLES)]
+#[command(
+    name = "ulb-tcp",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    /// A subcommand; none runs the balancer.
+    #[command(subcommand)]
+    pub command: Option<Subcommand>,
+
+    /// The balancer's flags (without a subcommand).
+    #[command(flatten)]
+    pub balancer: BalancerArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Subcommand {
+    /// Supervise N worker processes of any program, optionally behind the balancer.
+    #[command(after_help = CLUSTER_EXAMPLES)]
+    Cluster(ClusterArgs),
+}
+
+const CLUSTER_EXAMPLES: &str = "\
+Examples:
+  ulb-tcp cluster -p 4 --base-port 8081 --listen 127.0.0.1:3000 -- python3 -m http.server {port}
+  ulb-tcp cluster -p 2 --base-port 9000 -- ./my-server --port {port} --name worker-{id}
+
+Worker i gets ULB_WORKER_ID=i, ULB_WORKER_PORT=PORT=base+i and ULB_CLUSTER_SIZE; {id} and {port} in
+the arguments are replaced. A worker that exits is restarted after 100ms, doubling to 30s (reset once
+it stayed up 10s); more than --max-restarts crashes within --restart-window and it is given up; when
+every worker is given up the command exits 1. SIGTERM/SIGINT: the balancer drains, then every worker
+gets SIGTERM (SIGKILL after --kill-timeout), exit 0. SIGHUP: rolling restart, one worker at a time,
+drained first. Output lines of worker i are prefixed with [worker i].";
+
+/// `ulb-tcp cluster` flags.
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Number of worker processes. Default: the number of CPUs.
+    #[arg(long, short = 'p', value_name = "N")]
+    pub processes: Option<usize>,
+
+    /// Worker i listens on BASE+i (given as ULB_WORKER_PORT and PORT, and as {port} in the arguments).
+    #[arg(long, value_name = "PORT", default_value_t = 8081)]
+    pub base_port: u16,
+
+    /// Run the balancer on ADDR with the workers as its backends. Without it, only supervise.
+    #[arg(long, short = 'l', value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// How the balancer chooses a worker for each connection.
+    #[arg(long, short = 's', value_enum, default_value_t = StrategyArg::RoundRobin)]
+    pub strategy: StrategyArg,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// How long a rolling restart waits for a worker's connections, and a shutdown for the balancer's.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// After SIGTERM, how long a worker may take to exit before SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub kill_timeout: Duration,
+
+    /// Crashes within --restart-window after which a worker is given up.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub max_restarts: u32,
+
+    /// See --max-restarts.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub restart_window: Duration,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// The workers' command and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+impl ClusterArgs {
+    /// The cluster's configuration and the workers' command (not yet validated).
+    pub fn into_parts(self) -> (ClusterConfig, WorkerCommand, Option<SocketAddr>, LogFormat) {
+        let mut config = ClusterConfig::new()
+            .base_port(self.base_port)
+            .strategy(self.strategy.into())
+            .drain_timeout(self.drain_timeout)
+            .kill_timeout(self.kill_timeout)
+            .restart(RestartPolicy {
+                max_restarts: self.max_restarts,
+                window: self.restart_window,
+                ..RestartPolicy::default()
+            });
+        if let Some(n) = self.processes {
+            config = config.processes(n);
+        }
+        if let Some(listen) = self.listen {
+            config = config.balancer(listen);
+        }
+        let mut parts = self.command.into_iter();
+        let program = parts.next().unwrap_or_default();
+        let command = WorkerCommand::new(program).args(parts);
+        (config, command, self.metrics, self.log_format)
+    }
+}
+
+/// The balancer's flags.
+#[derive(Debug, clap::Args)]
+pub struct BalancerArgs {
     /// Address to accept clients on.
     #[arg(
         long,
@@ -84,9 +203,56 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
+    /// How bytes are moved: `pooled` (buffers borrowed only while data is in flight), `splice` (Linux
+    /// zero-copy through pooled pipes) or `plain` (Tokio's copy_bidirectional, the benchmark baseline;
+    /// it does not enforce the idle and half-close timeouts).
+    #[arg(long, value_enum, default_value_t = CopyModeArg::Pooled)]
+    pub copy_mode: CopyModeArg,
+
+    /// Buffer per direction while data is in flight, in the pooled mode (bytes; k and m suffixes).
+    #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
+    pub buffer_size: usize,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `--copy-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CopyModeArg {
+    /// Pooled buffers, held only while data is in flight.
+    Pooled,
+    /// Linux splice(2) through pooled pipes.
+    Splice,
+    /// Tokio's copy_bidirectional with 8 KiB buffers.
+    Plain,
+}
+
+impl From<CopyModeArg> for CopyMode {
+    fn from(m: CopyModeArg) -> Self {
+        match m {
+            CopyModeArg::Pooled => CopyMode::Pooled,
+            CopyModeArg::Splice => CopyMode::Splice,
+            CopyModeArg::Plain => CopyMode::Plain,
+        }
+    }
+}
+
+/// Parses `65536`, `64k` or `1m`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, scale) = match t.strip_suffix('k') {
+        Some(n) => (n, 1024),
+        None => match t.strip_suffix('m') {
+            Some(n) => (n, 1024 * 1024),
+            None => (t.as_str(), 1),
+        },
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("'{s}' is not a size (try 65536, 64k or 1m)"))
 }
 
 /// `--strategy` values.
@@ -142,7 +308,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value * scale).map_err(|_| format!("'{s}' is out of range"))
 }
 
-impl Cli {
+impl BalancerArgs {
     /// Resolves the backends and builds the validated configuration.
     /// `fd_limit` is the process's open-file limit, for the default connection limit.
     pub async fn into_config(self, fd_limit: Option<u64>) -> Result<BalancerConfig, ConfigError> {
@@ -161,6 +327,8 @@ impl Cli {
                     .unwrap_or_else(|| default_max_connections(fd_limit)),
             )
             .drain_timeout(self.drain_timeout)
+            .copy_mode(self.copy_mode.into())
+            .buffer_size(self.buffer_size)
             .health(PassiveHealth {
                 failure_threshold: self.fail_threshold,
                 backoff: self.down_backoff,
@@ -194,6 +362,14 @@ mod tests {
     }
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64k"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert!(parse_size("lots").unwrap_err().contains("'lots'"));
+    }
+
+    #[test]
     fn the_default_connection_limit_follows_the_descriptor_limit() {
         assert_eq!(default_max_connections(Some(1024)), 480);
         assert_eq!(default_max_connections(Some(10)), 1);
@@ -211,7 +387,46 @@ mod tests {
             "[::1]:4",
         ])
         .unwrap();
-        let weights: Vec<u32> = cli.backends.iter().map(|b| b.weight).collect();
+        let weights: Vec<u32> = cli.balancer.backends.iter().map(|b| b.weight).collect();
         assert_eq!(weights, [1, 3, 1]);
+    }
+
+    #[test]
+    fn the_cluster_subcommand_takes_the_command_after_dashes() {
+        let cli = Cli::try_parse_from([
+            "ulb-tcp",
+            "cluster",
+            "-p",
+            "4",
+            "--base-port",
+            "9000",
+            "--listen",
+            "127.0.0.1:3000",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "{port}",
+        ])
+        .unwrap();
+        let Some(Subcommand::Cluster(args)) = cli.command else {
+            panic!("no subcommand");
+        };
+        let (config, command, _, _) = args.into_parts();
+        assert_eq!((config.processes, config.base_port), (4, 9000));
+        assert_eq!(config.listen, Some("127.0.0.1:3000".parse().unwrap()));
+        assert_eq!(command.program, "python3");
+        assert_eq!(command.args, ["-m", "http.server", "{port}"]);
+        // Without a subcommand the balancer's flags work as before, and they do not mix with it.
+        assert!(Cli::try_parse_from(["ulb-tcp", "--backends", "127.0.0.1:1"]).is_ok());
+        assert!(Cli::try_parse_from([
+            "ulb-tcp",
+            "--backends",
+            "127.0.0.1:1",
+            "cluster",
+            "--",
+            "x"
+        ])
+        .is_err());
     }
 }

@@ -18,6 +18,8 @@
 //! * `proxy`: the life of one connection: connect with retries on other backends, then two pumps (one per
 //!   direction) with half-close, idle and half-close timeouts, and resets passed on as resets.
 //! * [`metrics`]: metric names, the Prometheus exporter, and handles registered once per backend.
+//! * [`cluster`]: supervises N worker processes (restarts with back-off, rolling restarts), optionally as
+//!   the balancer's backends.
 //!
 //! ```text
 //! accept ─► permit ─► task ─► Selector::pick ─► connect (timeout, ≤ N backends) ─► splice ─► close/abort
@@ -60,6 +62,7 @@
 
 mod backend;
 mod balancer;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod pool;

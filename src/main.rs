@@ -8,7 +8,7 @@ use ulb_tcp::TcpBalancer;
 
 mod cli;
 
-use cli::{Cli, LogFormat};
+use cli::{BalancerArgs, Cli, ClusterArgs, LogFormat};
 
 /// Bad flags or values.
 const EXIT_USAGE: u8 = 2;
@@ -32,6 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if let Some(cli::Subcommand::Cluster(args)) = cli.command {
+        return cluster_main(args);
+    }
+    let cli = cli.balancer;
     init_logging(cli.log_format);
     let fd_limit = raise_fd_limit();
 
@@ -48,7 +52,7 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli, fd_limit))
 }
 
-async fn run(cli: Cli, fd_limit: Option<u64>) -> ExitCode {
+async fn run(cli: BalancerArgs, fd_limit: Option<u64>) -> ExitCode {
     let listen = cli.listen;
     let metrics = cli.metrics;
     let config = match cli.into_config(fd_limit).await {
@@ -89,6 +93,7 @@ async fn run(cli: Cli, fd_limit: Option<u64>) -> ExitCode {
         listen = %listen,
         ?backends,
         strategy = %c.strategy,
+        copy_mode = ?c.copy_mode,
         connect_timeout = ?c.connect_timeout,
         idle_timeout = ?c.idle_timeout,
         drain_timeout = ?c.drain_timeout,
@@ -103,6 +108,58 @@ async fn run(cli: Cli, fd_limit: Option<u64>) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// `ulb-tcp cluster`: checks everything (exit 2 on bad input, before any worker starts), then supervises.
+fn cluster_main(args: ClusterArgs) -> ExitCode {
+    let (config, command, metrics, log_format) = args.into_parts();
+    if let Err(e) = config.validate() {
+        eprintln!("ulb-tcp: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = command.resolve() {
+        eprintln!("ulb-tcp: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    init_logging(log_format);
+    raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ulb-tcp: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        if let Some(addr) = metrics {
+            if let Err(e) = ulb_tcp::metrics::install_prometheus(addr) {
+                eprintln!("ulb-tcp: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        }
+        let cluster = match ulb_tcp::cluster::Cluster::new(config, command) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("ulb-tcp: {e}");
+                return ExitCode::from(if e.is_config() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILURE
+                });
+            }
+        };
+        match cluster.run_with_signals().await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ulb-tcp: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    })
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once.

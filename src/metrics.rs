@@ -267,3 +267,13 @@ pub const POOL_OUTCOME_CANCELLED: &str = "cancelled";
 pub const POOL_BUCKETS: &[f64] = &[
     0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
 ];
+
+// Cluster
+
+/// 1 while a cluster worker is running (and, with the balancer, accepting on its port), else 0, by
+/// `worker` (its id).
+pub const WORKER_UP: &str = "ulb_worker_up";
+/// Restarts of a cluster worker after it exited unexpectedly, by `worker` (rolling restarts not counted).
+pub const WORKER_RESTARTS_TOTAL: &str = "ulb_worker_restarts_total";
+/// Cluster workers by `state`: `starting`, `running`, `backoff`, `stopping`, `given_up`, `stopped`.
+pub const WORKER_STATES: &str = "ulb_worker_states";
