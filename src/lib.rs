@@ -67,6 +67,7 @@ pub mod config;
 pub mod metrics;
 pub mod pool;
 mod proxy;
+pub mod signal;
 #[cfg(target_os = "linux")]
 mod splice;
 mod strategy;

@@ -39,15 +39,9 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let fd_limit = raise_fd_limit();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ulb-tcp: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(run(cli, fd_limit))
 }
@@ -123,15 +117,9 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
     }
     init_logging(log_format);
     raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("ulb-tcp: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         if let Some(addr) = metrics {
@@ -164,38 +152,24 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once.
 async fn shutdown_signal() {
-    wait_for_signal().await;
+    ulb_tcp::signal::stop_signal().await;
     tracing::info!("shutdown signal received; draining (send it again to exit at once)");
     tokio::spawn(async {
-        wait_for_signal().await;
+        ulb_tcp::signal::stop_signal().await;
         tracing::warn!("second signal; exiting at once");
         std::process::exit(i32::from(EXIT_FAILURE));
     });
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+/// The multi-threaded runtime, or the exit code after saying why it cannot start.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("ulb-tcp: cannot start the runtime: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        })
 }
 
 fn init_logging(format: LogFormat) {

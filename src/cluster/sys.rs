@@ -130,38 +130,13 @@ pub(super) const KILL: i32 = libc::SIGKILL;
 
 /// Resolves on the first SIGINT or SIGTERM; a second one forces the shutdown.
 pub(super) async fn stop_signal(handle: ClusterHandle) {
-    wait_for_stop().await;
+    crate::signal::stop_signal().await;
     tracing::info!("shutdown signal received; draining, then stopping the workers (send it again to kill them at once)");
     tokio::spawn(async move {
-        wait_for_stop().await;
+        crate::signal::stop_signal().await;
         tracing::warn!("second signal; killing the workers at once");
         handle.force_shutdown();
     });
-}
-
-#[cfg(unix)]
-async fn wait_for_stop() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_stop() {
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Runs a rolling restart on each SIGHUP (signals arriving during one are folded into the next).
