@@ -20,6 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -53,7 +58,7 @@ pub(crate) async fn serve_connection(
     let (mut client, mut backend) = (client, backend);
     let end = match shared.config.copy_mode {
         CopyMode::Pooled | CopyMode::Splice => tokio::select! {
-            end = splice(&shared, &client, &backend, guard.backend(), &counts) => end,
+            end = splice(&shared, &mut client, &mut backend, guard.backend(), &counts) => end,
             () = shared.hard_stop.cancelled() => End::DrainDeadline,
         },
         CopyMode::Plain => tokio::select! {
@@ -242,8 +247,8 @@ impl Activity {
 
 async fn splice(
     shared: &Shared,
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
     b: &Backend,
     counts: &Counts,
 ) -> End {
@@ -252,9 +257,11 @@ async fn splice(
         base: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
+    let (client_read, client_write) = client.split();
+    let (backend_read, backend_write) = backend.split();
     let up = Pump {
-        from: client,
-        to: backend,
+        from: client_read,
+        to: backend_write,
         to_side: Side::Backend,
         carried: &counts.to_backend,
         metric: &b.metrics.bytes_to_backend,
@@ -262,8 +269,8 @@ async fn splice(
         buffer_size: cfg.buffer_size,
     };
     let down = Pump {
-        from: backend,
-        to: client,
+        from: backend_read,
+        to: client_write,
         to_side: Side::Client,
         carried: &counts.to_client,
         metric: &b.metrics.bytes_to_client,
@@ -308,8 +315,8 @@ async fn splice(
 
 /// One direction of a connection.
 struct Pump<'a> {
-    from: &'a TcpStream,
-    to: &'a TcpStream,
+    from: ReadHalf<'a>,
+    to: WriteHalf<'a>,
     to_side: Side,
     carried: &'a AtomicU64,
     metric: &'a Counter,
@@ -337,7 +344,7 @@ impl Pump<'_> {
 
     /// Passes the FIN on: the source has ended.
     fn forward_eof(&self) -> Result<(), End> {
-        socket2::SockRef::from(self.to)
+        socket2::SockRef::from(self.to.as_ref())
             .shutdown(Shutdown::Write)
             .map_err(|e| End::WriteFailed(self.to_side, e))
     }
@@ -356,16 +363,15 @@ impl Pump<'_> {
             carried: self.carried,
             metric: self.metric,
         };
-        let (from_fd, to_fd) = (self.from.as_raw_fd(), self.to.as_raw_fd());
+        let (from, to) = (self.from.as_ref(), self.to.as_ref());
+        let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
         let read_failed = |e| End::ReadFailed(self.source_side(), e);
         let write_failed = |e| End::WriteFailed(self.to_side, e);
         loop {
-            self.from.readable().await.map_err(read_failed)?;
+            from.readable().await.map_err(read_failed)?;
             let pipe = Pipe::take().map_err(read_failed)?;
             loop {
-                let filled = self
-                    .from
-                    .try_io(Interest::READABLE, || pipe.fill_from(from_fd, CHUNK));
+                let filled = from.try_io(Interest::READABLE, || pipe.fill_from(from_fd, CHUNK));
                 let mut in_pipe = match filled {
                     Ok(0) => {
                         pipe.give_back();
@@ -380,17 +386,14 @@ impl Pump<'_> {
                 };
                 self.activity.touch();
                 while in_pipe > 0 {
-                    match self
-                        .to
-                        .try_io(Interest::WRITABLE, || pipe.drain_into(to_fd, in_pipe))
-                    {
+                    match to.try_io(Interest::WRITABLE, || pipe.drain_into(to_fd, in_pipe)) {
                         Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
                         Ok(n) => {
                             in_pipe -= n;
                             tally.pending += n as u64;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.to.writable().await.map_err(write_failed)?;
+                            to.writable().await.map_err(write_failed)?;
                             self.activity.touch();
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -400,14 +403,19 @@ impl Pump<'_> {
                 if tally.pending >= TALLY_FLUSH_BYTES {
                     tally.flush();
                 }
+                // try_io does not count against the task's cooperative budget: count each chunk here,
+                // so that a transfer that never blocks still lets the worker thread run other tasks.
+                tokio::task::consume_budget().await;
             }
             pipe.give_back();
             tally.flush();
         }
     }
 
-    /// The buffered pump: read into a pooled buffer, write it all out.
-    async fn run_buffered(self) -> Result<(), End> {
+    /// The buffered pump: read into a pooled buffer, write it all out. Reads go through `poll_read`, which
+    /// takes a short read as "drained" and clears readiness, so a burst costs no extra `read` that only
+    /// returns `EAGAIN`.
+    async fn run_buffered(mut self) -> Result<(), End> {
         // Counted locally and published once per burst (and when dropped, whatever the way out), so that
         // the shared counters see one atomic add per burst rather than one per write, and stay exact.
         let mut tally = Tally {
@@ -423,49 +431,67 @@ impl Pump<'_> {
                 .map_err(|e| End::ReadFailed(self.source_side(), e))?;
             let mut buf = PooledBuf::take(self.buffer_size);
             loop {
-                match self.from.try_read(&mut buf) {
-                    Ok(0) => {
+                match read_if_ready(&mut self.from, &mut buf).await {
+                    None => break,
+                    Some(Ok(0)) => {
                         drop(buf);
                         tally.flush();
                         return self.forward_eof();
                     }
-                    Ok(n) => {
+                    Some(Ok(n)) => {
                         self.activity.touch();
-                        self.write_all(&buf[..n], &mut tally)
-                            .await
-                            .map_err(|e| End::WriteFailed(self.to_side, e))?;
+                        let written = write_all(&mut self.to, &buf[..n], &mut tally).await;
+                        written.map_err(|e| End::WriteFailed(self.to_side, e))?;
+                        self.activity.touch();
                         if tally.pending >= TALLY_FLUSH_BYTES {
                             tally.flush();
                         }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(End::ReadFailed(self.source_side(), e)),
+                    Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Some(Err(e)) => return Err(End::ReadFailed(self.source_side(), e)),
                 }
             }
             tally.flush();
+            drop(buf);
+            // `poll_read` also says "not ready" when this task has used up its cooperative budget, and
+            // then `readable()` would answer at once: yield here when the budget is gone, or we would spin.
+            tokio::task::consume_budget().await;
         }
     }
+}
 
-    async fn write_all(&self, mut data: &[u8], tally: &mut Tally<'_>) -> io::Result<()> {
-        while !data.is_empty() {
-            match self.to.try_write(data) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    data = &data[n..];
-                    tally.pending += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.to.writable().await?;
-                    // A slow reader that takes bytes is progress, not idleness.
-                    self.activity.touch();
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+/// One read if the socket is ready; `None` when it is not (a previous short read or `EAGAIN` cleared its
+/// readiness), without a system call.
+async fn read_if_ready(from: &mut ReadHalf<'_>, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(rb.filled().len()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Ready(None),
         }
-        Ok(())
+    })
+    .await
+}
+
+/// Writes all of `data`, counting every byte that got through in `tally`, even when a later write fails.
+async fn write_all(
+    to: &mut WriteHalf<'_>,
+    mut data: &[u8],
+    tally: &mut Tally<'_>,
+) -> io::Result<()> {
+    while !data.is_empty() {
+        match to.write(data).await {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                data = &data[n..];
+                tally.pending += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 /// Bytes written but not yet published; a long burst publishes at least this often.
