@@ -1,0 +1,964 @@
+#!/usr/bin/env python3
+"""Compare ulb-tcp with a direct connection and with HAProxy (mode tcp), on loopback, in one run.
+
+    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--out BENCHMARKS.md]
+
+Scenarios (each measured for every target, interleaved: for round: for scenario: for target):
+  S1 bulk throughput, iperf3, 1 and 4 streams, both directions (Gbit/s)
+  S2 connection rate, wrk with "Connection: close" against nginx (requests/s)
+  S3 keep-alive request rate, wrk, 50 connections, against nginx (requests/s)
+  S4 latency p50/p99/p99.9 at a fixed rate through an echo server (examples/latency_probe.rs)
+  S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
+  S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
+
+Targets: direct (client straight to the backend), ulb-tcp (default data path), ulb-tcp splice and ulb-tcp plain copy
+(only if the binary accepts `--copy-mode splice` / `plain`), HAProxy 2.6 mode tcp in several variants (1/2 threads, splice
+on/off). Each balancer is started fresh for every single measurement and stopped after it.
+
+Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process started is stopped and
+waited for, and the temporary directory is removed, also on errors and Ctrl-C. A failed measurement is
+reported (scenario, target, round, reason) and shown as "fail"; the others go on.
+
+Installs haproxy, nginx, wrk and iperf3 from Debian when missing and running as root. Builds ulb-tcp and the
+probe in release (`cargo build --release --bin ulb-tcp --example latency_probe`, honouring
+CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a concurrent rebuild cannot swap
+them in the middle of a run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOFILE = 1_048_576
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+# ----------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def log(msg):
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Failure(Exception):
+    """One measurement failed; the message says why."""
+
+
+def raise_nofile():
+    """Raise the open-file limit as far as allowed (root may raise the hard limit too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (NOFILE, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard) if os.geteuid() == 0 else hard))
+            return
+        except (ValueError, OSError):
+            continue
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def child_setup():
+    # Runs in each child before exec: its own process group (so it can be stopped as a whole) and the
+    # highest open-file limit we can get.
+    os.setpgrp()
+    raise_nofile()
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port):
+    """Whether something listens on 127.0.0.1:port (read from /proc, so no connection is made)."""
+    want_local = f"0100007F:{port:04X}"
+    want_any = f"00000000:{port:04X}"
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                if parts[3] == "0A" and parts[1] in (want_local, want_any):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def run(cmd, timeout, **kw):
+    """Run a command to completion; returns CompletedProcess; raises Failure on timeout/not found."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=child_setup, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise Failure(f"{shlex.join(cmd)} did not finish within {timeout:.0f} s") from e
+    except OSError as e:
+        raise Failure(f"cannot run {cmd[0]}: {e}") from e
+
+
+def tail(text, n=3):
+    lines = [l for l in (text or "").strip().splitlines() if l.strip()]
+    return " | ".join(lines[-n:]) if lines else "(no output)"
+
+
+def proc_tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def rss_kib(pid):
+    """Sum of VmRSS over the process and its descendants, KiB."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def cpu_seconds(pid):
+    """utime+stime of the process and its descendants, seconds."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / CLK_TCK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every long-running process started, so that all are stopped and waited for at the end."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.live = []
+        self.seq = 0
+
+    def start(self, name, cmd, env=None):
+        self.seq += 1
+        logpath = os.path.join(self.tmp, f"{self.seq:04d}-{name}.log")
+        logf = open(logpath, "w")
+        try:
+            p = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                preexec_fn=child_setup,
+                env=env,
+            )
+        except OSError as e:
+            logf.close()
+            raise Failure(f"cannot start {name} ({cmd[0]}): {e}") from e
+        p.name, p.logpath, p.logf = name, logpath, logf
+        self.live.append(p)
+        return p
+
+    def output(self, p):
+        try:
+            p.logf.flush()
+            with open(p.logpath) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stop(self, p, grace=3.0):
+        if p not in self.live:
+            return
+        self.live.remove(p)
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                p.terminate()
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    p.kill()
+                p.wait()
+        else:
+            # Already exited: the group may still hold children (haproxy -W, nginx workers).
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        p.logf.close()
+
+    def stop_all(self):
+        for p in list(reversed(self.live)):
+            try:
+                self.stop(p, grace=2.0)
+            except Exception as e:  # keep stopping the others
+                log(f"while stopping {p.name}: {e}")
+
+
+def wait_listening(procs, p, port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise Failure(f"{p.name} exited with status {p.returncode} before listening: {tail(procs.output(p))}")
+        if listening(port):
+            return
+        time.sleep(0.02)
+    raise Failure(f"{p.name} not listening on 127.0.0.1:{port} after {timeout:.0f} s: {tail(procs.output(p))}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# set-up: tools, build, backends
+
+
+def ensure_tools():
+    needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3"}
+    missing = [pkg for tool, pkg in needed.items() if not tool_path(tool)]
+    if missing:
+        if os.geteuid() != 0:
+            sys.exit(f"compare.py: missing tools {', '.join(missing)}; install them (apt-get install -y {' '.join(missing)})")
+        log(f"installing {' '.join(missing)} from Debian")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "haproxy", "nginx", "wrk", "iperf3"]):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"compare.py: {shlex.join(cmd)} failed ({r.returncode}): {tail(r.stderr)}")
+    still = [t for t in needed if not tool_path(t)]
+    if still:
+        sys.exit(f"compare.py: still missing after install: {', '.join(still)}")
+
+
+def tool_path(tool):
+    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def sockperf_note():
+    if tool_path("sockperf"):
+        return "sockperf installed but not used: latency comes from examples/latency_probe.rs for every target"
+    try:
+        r = subprocess.run(["apt-cache", "policy", "sockperf"], capture_output=True, text=True, timeout=30)
+        m = re.search(r"Candidate:\s*(\S+)", r.stdout)
+        if m and m.group(1) != "(none)":
+            return f"sockperf {m.group(1)} available from Debian, not used: latency comes from examples/latency_probe.rs"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return "sockperf not available; latency comes from examples/latency_probe.rs"
+
+
+def build(tmp):
+    target_dir = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
+    if not os.path.isabs(target_dir):
+        target_dir = os.path.join(REPO, target_dir)
+    cmd = ["cargo", "build", "--release", "--bin", "ulb-tcp", "--example", "latency_probe"]
+    log(f"building: {shlex.join(cmd)} (CARGO_TARGET_DIR={target_dir})")
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, CARGO_TARGET_DIR=target_dir))
+    if r.returncode != 0:
+        sys.exit(f"compare.py: the build failed ({r.returncode}):\n{r.stderr[-4000:]}")
+    bins = {}
+    for name, rel in (("ulb", "release/ulb-tcp"), ("probe", "release/examples/latency_probe")):
+        src = os.path.join(target_dir, rel)
+        dst = os.path.join(tmp, os.path.basename(rel))
+        shutil.copy2(src, dst)
+        bins[name] = dst
+    return bins
+
+
+def start_nginx(procs, tmp):
+    root = os.path.join(tmp, "nginx")
+    www = os.path.join(root, "www")
+    os.makedirs(www)
+    with open(os.path.join(www, "1k.bin"), "wb") as f:
+        f.write(b"x" * 1023 + b"\n")
+    port = free_port()
+    conf = os.path.join(root, "nginx.conf")
+    tmpdirs = "\n".join(f"    {d}_temp_path {root}/{d};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    with open(conf, "w") as f:
+        f.write(
+            f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 200000;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{
+    worker_connections 100000;
+    multi_accept on;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    default_type application/octet-stream;
+{tmpdirs}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        root {www};
+        location = / {{ return 200 "ok\\n"; }}
+        location = /1k.bin {{ }}
+    }}
+}}
+"""
+        )
+    p = procs.start("nginx", [tool_path("nginx"), "-p", root, "-c", conf, "-e", os.path.join(root, "error.log")])
+    wait_listening(procs, p, port)
+    return p, port
+
+
+def start_iperf3(procs):
+    port = free_port()
+    p = procs.start("iperf3-server", [tool_path("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(port)])
+    wait_listening(procs, p, port)
+    return p, port
+
+
+def start_echo(procs, bins):
+    port = free_port()
+    p = procs.start("echo-server", [bins["probe"], "echo-server", "--listen", f"127.0.0.1:{port}"])
+    wait_listening(procs, p, port)
+    return p, port
+
+
+# ----------------------------------------------------------------------------------------------------------
+# targets
+
+
+class Target:
+    """How to put something between the client and a backend; `direct` puts nothing."""
+
+    def __init__(self, name, kind, group, args=None, haproxy=None):
+        self.name, self.kind, self.group, self.args, self.haproxy = name, kind, group, args or [], haproxy
+
+    def start(self, env, backend_port):
+        """Returns (port clients use, process or None)."""
+        if self.kind == "direct":
+            return backend_port, None
+        port = free_port()
+        if self.kind == "ulb":
+            cmd = [env.bins["ulb"], "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{backend_port}"]
+            cmd += ["--drain-timeout", "1s"] + self.args
+            p = env.procs.start(self.name, cmd, env=dict(os.environ, RUST_LOG="warn"))
+        else:
+            threads, splice = self.haproxy
+            cfg = os.path.join(env.tmp, f"haproxy-{port}.cfg")
+            with open(cfg, "w") as f:
+                f.write(haproxy_cfg(port, backend_port, threads, splice))
+            p = env.procs.start(self.name, [tool_path("haproxy"), "-db", "-f", cfg])
+        try:
+            wait_listening(env.procs, p, port)
+        except Failure:
+            env.procs.stop(p)
+            raise
+        return port, p
+
+
+def fd_limit():
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def haproxy_maxconn():
+    """(maxconn, maxpipes or None): 200000 as asked, unless the open-file limit cannot hold it (HAProxy
+    refuses to start when it cannot raise its limit to 2 * maxconn + 2 * maxpipes + a few)."""
+    lim = fd_limit()
+    if lim >= 2 * 200_000 + 2 * 50_000 + 100:
+        return 200_000, None
+    return (lim - 2 * 500 - 100) // 2, 500
+
+
+def haproxy_cfg(port, backend_port, threads, splice):
+    splice_lines = "    option splice-request\n    option splice-response\n" if splice else ""
+    maxconn, maxpipes = haproxy_maxconn()
+    pipes = f"    maxpipes {maxpipes}\n" if maxpipes else ""
+    return f"""global
+    maxconn {maxconn}
+{pipes}    nbthread {threads}
+
+defaults
+    mode tcp
+    no log
+    maxconn {maxconn}
+    timeout client 5m
+    timeout server 5m
+    timeout connect 5s
+{splice_lines}
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+
+backend be
+    server s1 127.0.0.1:{backend_port}
+"""
+
+
+def make_targets(bins, quick):
+    targets = [Target("direct", "direct", "direct"), Target("ulb-tcp", "ulb", "ulb-tcp")]
+    r = subprocess.run([bins["ulb"], "--help"], capture_output=True, text=True)
+    # Extra ulb-tcp rows for the other data paths the binary offers.
+    plain = []
+    for mode, label in (("splice", "ulb-tcp splice"), ("plain", "ulb-tcp plain copy")):
+        if "--copy-mode" in r.stdout and mode in r.stdout:
+            targets.append(Target(label, "ulb", label, args=["--copy-mode", mode]))
+            plain.append(label)
+    variants = [(1, False), (2, True)] if quick else [(1, False), (1, True), (2, False), (2, True)]
+    for threads, splice in variants:
+        name = f"HAProxy {threads}t" + (" splice" if splice else "")
+        targets.append(Target(name, "haproxy", "HAProxy", haproxy=(threads, splice)))
+    return targets, plain
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scenarios: each returns {metric: value}; raises Failure
+
+
+class Env:
+    def __init__(self, tmp, procs, bins, args):
+        self.tmp, self.procs, self.bins, self.args = tmp, procs, bins, args
+        self.backends = {}
+
+    def backend(self, kind):
+        """Port of a running backend of this kind, restarting it if it died."""
+        p, port = self.backends.get(kind, (None, None))
+        if p is not None and p.poll() is None:
+            return port
+        if p is not None:
+            log(f"{kind} backend had exited ({p.returncode}): {tail(self.procs.output(p))}; restarting it")
+            self.procs.stop(p)
+        starter = {"nginx": lambda: start_nginx(self.procs, self.tmp), "iperf3": lambda: start_iperf3(self.procs),
+                   "echo": lambda: start_echo(self.procs, self.bins)}[kind]
+        p, port = starter()
+        self.backends[kind] = (p, port)
+        return port
+
+    def restart_backend(self, kind):
+        p, _ = self.backends.pop(kind, (None, None))
+        if p is not None:
+            self.procs.stop(p)
+
+
+def s1_iperf(env, target, streams, reverse, want_cpu):
+    bport = env.backend("iperf3")
+    port, bal = target.start(env, bport)
+    try:
+        cmd = [tool_path("iperf3"), "-c", "127.0.0.1", "-p", str(port), "-t", str(env.args.seconds), "-J"]
+        if streams > 1:
+            cmd += ["-P", str(streams)]
+        if reverse:
+            cmd.append("-R")
+        cpu0 = cpu_seconds(bal.pid) if bal else None
+        r = run(cmd, timeout=env.args.seconds + 30)
+        cpu1 = cpu_seconds(bal.pid) if bal else None
+        try:
+            data = json.loads(r.stdout)
+        except ValueError:
+            data = {}
+        if r.returncode != 0 or "error" in data:
+            env.restart_backend("iperf3")  # a failed test can leave the server waiting
+            raise Failure(f"iperf3 exited {r.returncode}: {data.get('error') or tail(r.stderr or r.stdout)}")
+        recv = data["end"]["sum_received"]
+        out = {"gbps": recv["bits_per_second"] / 1e9}
+        if want_cpu and bal is not None:
+            gb = recv["bytes"] / 1e9
+            out["cpu_per_gb"] = (cpu1 - cpu0) / gb if gb > 0 else None
+        if bal is not None and bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
+        return out
+    finally:
+        if bal is not None:
+            env.procs.stop(bal)
+
+
+WRK_RPS = re.compile(r"Requests/sec:\s*([\d.]+)")
+WRK_ERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def s_wrk(env, target, close):
+    bport = env.backend("nginx")
+    port, bal = target.start(env, bport)
+    try:
+        cmd = [tool_path("wrk"), "-t2", "-c50", f"-d{env.args.seconds}s"]
+        if close:
+            cmd += ["-H", "Connection: close"]
+        cmd.append(f"http://127.0.0.1:{port}/")
+        r = run(cmd, timeout=env.args.seconds + 30)
+        m = WRK_RPS.search(r.stdout)
+        if r.returncode != 0 or not m:
+            raise Failure(f"wrk exited {r.returncode}: {tail(r.stderr or r.stdout)}")
+        rps = float(m.group(1))
+        notes = []
+        e = WRK_ERR.search(r.stdout)
+        if e:
+            c, rd, w, t = map(int, e.groups())
+            # With "Connection: close" wrk counts nothing as an error for a clean close; anything here is real.
+            if c + rd + w + t:
+                notes.append(f"socket errors connect {c} read {rd} write {w} timeout {t}")
+        n = WRK_NON2XX.search(r.stdout)
+        if n and int(n.group(1)):
+            notes.append(f"{n.group(1)} non-2xx responses")
+        if rps <= 0:
+            raise Failure(f"wrk measured 0 requests/s: {tail(r.stdout)}")
+        if bal is not None and bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
+        return {"rps": rps, "_notes": notes}
+    finally:
+        if bal is not None:
+            env.procs.stop(bal)
+
+
+def s4_latency(env, target):
+    bport = env.backend("echo")
+    port, bal = target.start(env, bport)
+    try:
+        a = env.args
+        cmd = [env.bins["probe"], "load", "--target", f"127.0.0.1:{port}", "--rate", str(a.latency_rate),
+               "--connections", str(a.latency_connections), "--seconds", str(a.seconds), "--size", "64"]
+        r = run(cmd, timeout=a.seconds + 30)
+        if r.returncode != 0:
+            raise Failure(f"latency_probe load exited {r.returncode}: {tail(r.stderr)}")
+        try:
+            data = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise Failure(f"latency_probe printed no JSON: {tail(r.stdout)}")
+        notes = []
+        if data.get("errors"):
+            notes.append(f"{data['errors']} probe errors: {tail(r.stderr, 1)}")
+        expected = a.latency_rate * a.seconds
+        if data["count"] < 0.9 * expected:
+            notes.append(f"only {data['count']} of {expected:.0f} messages")
+        return {"p50": data["p50_us"], "p99": data["p99_us"], "p999": data["p999_us"], "_notes": notes}
+    finally:
+        if bal is not None:
+            env.procs.stop(bal)
+
+
+def s5_memory(env, target):
+    if target.kind == "direct":
+        return {}
+    bport = env.backend("echo")
+    port, bal = target.start(env, bport)
+    holder = None
+    try:
+        n = env.args.hold
+        time.sleep(0.3)
+        before = rss_kib(bal.pid)
+        holder = env.procs.start("hold", [env.bins["probe"], "hold", "--target", f"127.0.0.1:{port}", "--connections", str(n)])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            out = env.procs.output(holder)
+            if "ready" in out:
+                break
+            if holder.poll() is not None:
+                raise Failure(f"latency_probe hold exited {holder.returncode}: {tail(out)}")
+            time.sleep(0.1)
+        else:
+            raise Failure(f"latency_probe hold not ready after 120 s: {tail(env.procs.output(holder))}")
+        time.sleep(0.5)
+        after = rss_kib(bal.pid)
+        if bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) while holding: {tail(env.procs.output(bal))}")
+        return {"kib_per_conn": (after - before) / n, "rss_before_mib": before / 1024, "rss_after_mib": after / 1024}
+    finally:
+        if holder is not None:
+            env.procs.stop(holder)
+        if bal is not None:
+            env.procs.stop(bal)
+
+
+# Columns: (key, header, unit, higher is better, scenario that produces it, metric)
+COLUMNS = [
+    ("s1_1f", "S1 1 stream Gbit/s", True),
+    ("s1_1r", "S1 1 stream -R Gbit/s", True),
+    ("s1_4f", "S1 4 streams Gbit/s", True),
+    ("s1_4r", "S1 4 streams -R Gbit/s", True),
+    ("s2", "S2 conn/s (close)", True),
+    ("s3", "S3 req/s (keep-alive)", True),
+    ("s4_p50", "S4 p50 µs", False),
+    ("s4_p99", "S4 p99 µs", False),
+    ("s4_p999", "S4 p99.9 µs", False),
+    ("s5", "S5 KiB/conn", False),
+    ("s6", "S6 CPU s/GB", False),
+]
+
+
+def scenarios(env):
+    """(scenario name, function(target) -> {column key: value})"""
+
+    def iperf(streams, rev, key):
+        def f(t):
+            r = s1_iperf(env, t, streams, rev, want_cpu=(streams == 1 and not rev))
+            out = {key: r["gbps"]}
+            if "cpu_per_gb" in r:
+                out["s6"] = r["cpu_per_gb"]
+            return out
+
+        return f
+
+    def wrk(close, key):
+        def f(t):
+            r = s_wrk(env, t, close)
+            return {key: r["rps"], "_notes": r["_notes"]}
+
+        return f
+
+    def lat(t):
+        r = s4_latency(env, t)
+        return {"s4_p50": r["p50"], "s4_p99": r["p99"], "s4_p999": r["p999"], "_notes": r["_notes"]}
+
+    def mem(t):
+        r = s5_memory(env, t)
+        return {"s5": r["kib_per_conn"]} if r else {}
+
+    return [
+        ("S1 iperf3 1 stream", iperf(1, False, "s1_1f")),
+        ("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r")),
+        ("S1 iperf3 4 streams", iperf(4, False, "s1_4f")),
+        ("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r")),
+        ("S2 wrk Connection: close", wrk(True, "s2")),
+        ("S3 wrk keep-alive", wrk(False, "s3")),
+        ("S4 latency_probe load", lat),
+        ("S5 latency_probe hold", mem),
+    ]
+
+
+# Which columns each scenario is expected to fill, for the "fail" marks.
+SCENARIO_KEYS = {
+    "S1 iperf3 1 stream": ["s1_1f", "s6"],
+    "S1 iperf3 1 stream -R": ["s1_1r"],
+    "S1 iperf3 4 streams": ["s1_4f"],
+    "S1 iperf3 4 streams -R": ["s1_4r"],
+    "S2 wrk Connection: close": ["s2"],
+    "S3 wrk keep-alive": ["s3"],
+    "S4 latency_probe load": ["s4_p50", "s4_p99", "s4_p999"],
+    "S5 latency_probe hold": ["s5"],
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# report
+
+
+def fmt(v, key):
+    if v is None:
+        return "n/a"
+    if key.startswith("s1"):
+        return f"{v:.2f}"
+    if key in ("s2", "s3"):
+        return f"{v:,.0f}"
+    if key == "s6":
+        return f"{v:.2f}"
+    if key == "s5":
+        return f"{v:.2f}"
+    return f"{v:.1f}"
+
+
+class Results:
+    def __init__(self, targets):
+        self.targets = targets
+        self.values = {t.name: {k: [] for k, _, _ in COLUMNS} for t in targets}
+        self.added = {t.name: {k: [] for k in ("s4_p50", "s4_p99", "s4_p999")} for t in targets}
+        self.failed = {t.name: {k: [] for k, _, _ in COLUMNS} for t in targets}
+        self.failures = []  # (round, scenario, target, reason)
+        self.notes = []
+
+    def median(self, name, key):
+        vals = self.values[name][key]
+        return statistics.median(vals) if vals else None
+
+    def cell(self, name, key, spread=False, target_kind=None):
+        vals = self.values[name][key]
+        if not vals:
+            if self.failed[name][key]:
+                return "fail"
+            return "n/a"
+        s = fmt(statistics.median(vals), key)
+        if key.startswith("s4") and name != "direct" and self.added[name][key]:
+            s += f" (+{fmt(statistics.median(self.added[name][key]), key)})"
+        if spread and len(vals) > 1:
+            s += f" [{fmt(min(vals), key)}–{fmt(max(vals), key)}]"
+        if self.failed[name][key]:
+            s += f" ({len(self.failed[name][key])} fail)"
+        return s
+
+    def best(self, group, key, higher):
+        cands = [(self.median(t.name, key), t.name) for t in self.targets if t.group == group]
+        cands = [c for c in cands if c[0] is not None]
+        if not cands:
+            return None, None
+        return (max if higher else min)(cands)
+
+
+def report(res, targets, plain, header, args, elapsed):
+    out = []
+    out.append("# Benchmarks: ulb-tcp vs direct vs HAProxy\n")
+    out.append("Generated by `benches/compare.py`; re-run it to refresh this file.\n")
+    out.append("## Machine and run\n")
+    for k, v in header:
+        out.append(f"- **{k}:** {v}")
+    out.append(f"- **duration of this run:** {elapsed / 60:.1f} min")
+    out.append("")
+    out.append("## What is measured\n")
+    out.append(
+        "All on loopback (127.0.0.1), client, balancer and backend on the same machine, so they compete for the\n"
+        "same cores: these are relative figures for this machine, not capacity planning numbers. Each\n"
+        "measurement starts its balancer fresh and stops it afterwards; rounds interleave every scenario and\n"
+        "target (for round: for scenario: for target), and each cell is the median over rounds.\n"
+    )
+    out.append(f"- **S1** iperf3 `-t {args.seconds}` to an iperf3 server, 1 and 4 streams (`-P 4`), client→server and `-R`; Gbit/s received. iperf3's control connection goes through the balancer too.")
+    out.append(f"- **S2** `wrk -t2 -c50 -d{args.seconds}s -H \"Connection: close\"` against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
+    out.append(f"- **S3** `wrk -t2 -c50 -d{args.seconds}s` keep-alive against the same nginx; requests/s.")
+    out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {args.seconds} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
+    out.append(f"- **S5** `latency_probe hold`: {args.hold:,} connections opened through a fresh balancer to the echo server, each verified with a 4-byte echo, then held idle; (balancer RSS after − before) / {args.hold:,}, KiB per connection. HAProxy: sum over its processes. Kernel socket memory is not in RSS and not counted.")
+    out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
+    out.append("")
+    out.append("Higher is better for S1–S3, lower for S4–S6.\n")
+
+    def row(name, label=None, spread=False):
+        return "| " + " | ".join([label or name] + [res.cell(name, k, spread) for k, _, _ in COLUMNS]) + " |"
+
+    hdr = "| target | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    sep = "|---|" + "---:|" * len(COLUMNS)
+
+    out.append("## Summary (medians)\n")
+    out.append(hdr)
+    out.append(sep)
+    main_names = ["direct", "ulb-tcp"] + list(plain)
+    for n in main_names:
+        out.append(row(n))
+    hap = []
+    for k, _, higher in COLUMNS:
+        v, who = res.best("HAProxy", k, higher)
+        if v is None:
+            anyfail = any(res.failed[t.name][k] for t in targets if t.group == "HAProxy")
+            hap.append("fail" if anyfail else "n/a")
+        else:
+            s = fmt(v, k)
+            if k.startswith("s4") and res.added[who][k]:
+                s += f" (+{fmt(statistics.median(res.added[who][k]), k)})"
+            hap.append(f"{s} ({who.replace('HAProxy ', '')})")
+    out.append("| HAProxy best | " + " | ".join(hap) + " |")
+    out.append("")
+    out.append("HAProxy best: the best median among its variants for each column, the variant in brackets "
+               "(`1t`/`2t` = `nbthread`, `splice` = `option splice-request` + `option splice-response`).\n")
+
+    out.append("## Ratios\n")
+    out.append("Median over median; for S1–S3 above 1 means ulb-tcp is faster, for S4–S6 below 1 means it uses less.\n")
+    out.append(hdr)
+    out.append(sep)
+    for n in main_names[1:]:
+        for ref_label, ref in (("direct", "direct"), ("HAProxy best", None)):
+            cells = []
+            for k, _, higher in COLUMNS:
+                a = res.median(n, k)
+                b = res.median(ref, k) if ref else res.best("HAProxy", k, higher)[0]
+                cells.append(f"{a / b:.2f}×" if a is not None and b else "n/a")
+            out.append(f"| {n} ÷ {ref_label} | " + " | ".join(cells) + " |")
+    out.append("")
+
+    out.append("## Every target, median [min–max over rounds]\n")
+    out.append(hdr)
+    out.append(sep)
+    for t in targets:
+        out.append(row(t.name, spread=True))
+    out.append("")
+
+    out.append("## Failures and notes\n")
+    if not res.failures and not res.notes:
+        out.append("None: every measurement succeeded.")
+    for rnd, scen, tname, reason in res.failures:
+        out.append(f"- FAIL round {rnd}, {scen}, {tname}: {reason}")
+    for rnd, scen, tname, note in res.notes:
+        out.append(f"- note round {rnd}, {scen}, {tname}: {note}")
+    out.append("")
+    return "\n".join(out)
+
+
+def machine_header(args, plain, sock_note):
+    def first_line(cmd):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout + r.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            return "unknown"
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = ["?"]
+    commit = first_line(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+    dirty = first_line(["git", "-C", REPO, "status", "--porcelain"])
+    commit += " (working tree with uncommitted changes)" if dirty not in ("unknown", "") and dirty else ""
+    return [
+        ("date", datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")),
+        ("CPU", f"{cpu}, `nproc` = {os.cpu_count() and first_line(['nproc'])}"),
+        ("kernel", first_line(["uname", "-r"])),
+        ("load average at start", " ".join(load)),
+        ("ulb-tcp", f"commit {commit}, release build"
+         + (f"; extra rows for {', '.join(plain)}" if plain else "; no `--copy-mode` flag, so no plain-copy row")),
+        ("haproxy", first_line([tool_path("haproxy"), "-v"])),
+        ("nginx", first_line([tool_path("nginx"), "-v"])),
+        ("wrk", first_line([tool_path("wrk"), "-v"])),
+        ("iperf3", first_line([tool_path("iperf3"), "--version"])),
+        ("rustc", first_line(["rustc", "--version"])),
+        ("open-file limit", f"{fd_limit():,} for every process started"
+         + ("" if fd_limit() >= NOFILE else " (could not be raised further here)")
+         + f"; S5 holds {args.hold:,} connections; HAProxy `maxconn {haproxy_maxconn()[0]}`"
+         + (f", `maxpipes {haproxy_maxconn()[1]}`" if haproxy_maxconn()[1] else "")),
+        ("latency tool", sock_note),
+        ("command", "`" + " ".join(["python3", "benches/compare.py"] + [shlex.quote(a) for a in sys.argv[1:]]) + "`"),
+        ("rounds × seconds", f"{args.rounds} × {args.seconds} s" + (" (--quick)" if args.quick else "")),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each running every scenario for every target (default 3)")
+    ap.add_argument("--seconds", type=int, default=4, help="seconds per throughput/rate/latency measurement (default 4)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections")
+    ap.add_argument("--out", help="write the Markdown report here (default: print only)")
+    ap.add_argument("--hold", type=int, help="connections held for S5 (default 10000, fewer if the open-file limit cannot hold them)")
+    ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
+    ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
+    ap.add_argument("--only", help="comma-separated scenario prefixes to run, e.g. S1,S4 (default all)")
+    args = ap.parse_args()
+    raise_nofile()
+    # A balancer holding N connections needs 2 N descriptors (plus HAProxy's pipes): stay below the limit.
+    fit = max(100, (fd_limit() - 1200) // 2 // 500 * 500)
+    if args.quick:
+        args.rounds, args.seconds = 1, 2
+    if args.hold is None:
+        args.hold = min(2_000 if args.quick else 10_000, fit)
+    elif args.hold > fit:
+        log(f"--hold {args.hold} does not fit the open-file limit {fd_limit()}; holding {fit}")
+        args.hold = fit
+    if args.rounds < 1 or args.seconds < 1 or args.hold < 1:
+        ap.error("--rounds, --seconds and --hold must be at least 1")
+    started = time.monotonic()
+    ensure_tools()
+    sock_note = sockperf_note()
+    tmp = tempfile.mkdtemp(prefix="ulb-compare-")
+    procs = Procs(tmp)
+    interrupted = False
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        bins = build(tmp)
+        targets, plain = make_targets(bins, args.quick)
+        header = machine_header(args, plain, sock_note)
+        env = Env(tmp, procs, bins, args)
+        for kind in ("nginx", "iperf3", "echo"):
+            env.backend(kind)
+        res = Results(targets)
+        scens = scenarios(env)
+        if args.only:
+            prefixes = [p.strip() for p in args.only.split(",") if p.strip()]
+            scens = [s for s in scens if any(s[0].startswith(p) for p in prefixes)]
+        log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios")
+        try:
+            for rnd in range(1, args.rounds + 1):
+                for scen, fn in scens:
+                    direct_lat = None
+                    for t in targets:
+                        try:
+                            vals = fn(t)
+                        except Failure as e:
+                            log(f"FAIL round {rnd} {scen} {t.name}: {e}")
+                            res.failures.append((rnd, scen, t.name, str(e)))
+                            for k in SCENARIO_KEYS[scen]:
+                                if not (k == "s6" and t.kind == "direct") and not (k == "s5" and t.kind == "direct"):
+                                    res.failed[t.name][k].append(rnd)
+                            continue
+                        except Exception as e:  # a bug or an unexpected output: keep going with the others
+                            log(f"FAIL round {rnd} {scen} {t.name}: unexpected {type(e).__name__}: {e}")
+                            res.failures.append((rnd, scen, t.name, f"unexpected {type(e).__name__}: {e}"))
+                            for k in SCENARIO_KEYS[scen]:
+                                res.failed[t.name][k].append(rnd)
+                            continue
+                        for note in vals.pop("_notes", []):
+                            res.notes.append((rnd, scen, t.name, note))
+                        for k, v in vals.items():
+                            if v is not None:
+                                res.values[t.name][k].append(v)
+                        if scen.startswith("S4"):
+                            if t.kind == "direct":
+                                direct_lat = vals
+                            elif direct_lat is not None:
+                                for k in ("s4_p50", "s4_p99", "s4_p999"):
+                                    res.added[t.name][k].append(vals[k] - direct_lat[k])
+                        shown = ", ".join(f"{k}={fmt(v, k)}" for k, v in vals.items())
+                        log(f"round {rnd} {scen} {t.name}: {shown or 'n/a'}")
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: reporting what was measured so far")
+        header.append(("load average at end", " ".join(open("/proc/loadavg").read().split()[:3])))
+        text = report(res, targets, plain, header, args, time.monotonic() - started)
+        if interrupted:
+            text = text.replace("## Machine and run", "**Interrupted: incomplete.**\n\n## Machine and run", 1)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+            log(f"wrote {args.out}")
+        return 1 if interrupted else 0
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
