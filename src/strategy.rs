@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{now_ms, Backend};
+use crate::backend::Backend;
 
 /// How the next backend is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -219,12 +219,11 @@ impl Selector {
             0 => return None,
             1 => {
                 let b = &backends[0];
-                return (usable(b, tried, now_ms())).then(|| b.clone());
+                return usable(b, tried).then(|| b.clone());
             }
             _ => {}
         }
-        let now = now_ms();
-        let ok = |b: &Arc<Backend>| usable(b, tried, now);
+        let ok = |b: &Arc<Backend>| usable(b, tried);
         let picked = match self.strategy {
             // A slot whose backend is unusable is skipped by drawing again, not by walking on to the
             // neighbour: walking would hand every turn of a down backend to the one after it.
@@ -283,8 +282,8 @@ impl Selector {
 }
 
 #[inline]
-fn usable(b: &Arc<Backend>, tried: &[Arc<Backend>], now: u64) -> bool {
-    b.is_available(now) && !tried.iter().any(|t| Arc::ptr_eq(t, b))
+fn usable(b: &Arc<Backend>, tried: &[Arc<Backend>]) -> bool {
+    b.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, b))
 }
 
 /// Random draws tried before falling back to a walk along the schedule.
