@@ -371,6 +371,16 @@ mod tests {
             .collect()
     }
 
+    /// Four backends of weight 1; backend 1 has failed enough connects to be held down.
+    fn four_with_backend_1_down() -> Vec<Arc<Backend>> {
+        let bs = backends(&[1, 1, 1, 1]);
+        let policy = crate::config::PassiveHealth::default();
+        for _ in 0..policy.failure_threshold {
+            bs[1].connect_failed(&policy);
+        }
+        bs
+    }
+
     fn index_of(bs: &[Arc<Backend>], b: &Arc<Backend>) -> usize {
         bs.iter().position(|x| Arc::ptr_eq(x, b)).unwrap()
     }
@@ -409,11 +419,7 @@ mod tests {
             Strategy::Random,
             Strategy::PowerOfTwoChoices,
         ] {
-            let bs = backends(&[1, 1, 1, 1]);
-            let policy = crate::config::PassiveHealth::default();
-            for _ in 0..policy.failure_threshold {
-                bs[1].connect_failed(&policy);
-            }
+            let bs = four_with_backend_1_down();
             let sel = Selector::new(Table::new(bs.clone()), strategy, 7);
             for _ in 0..1000 {
                 let b = sel.pick(&[bs[2].clone()]).unwrap();
@@ -438,11 +444,7 @@ mod tests {
             Strategy::Random,
             Strategy::PowerOfTwoChoices,
         ] {
-            let bs = backends(&[1, 1, 1, 1]);
-            let policy = crate::config::PassiveHealth::default();
-            for _ in 0..policy.failure_threshold {
-                bs[1].connect_failed(&policy);
-            }
+            let bs = four_with_backend_1_down();
             let sel = Selector::new(Table::new(bs.clone()), strategy, 11);
             let mut counts = [0usize; 4];
             for _ in 0..3000 {

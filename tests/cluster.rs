@@ -176,6 +176,27 @@ fn all_running(w: &[ulb_tcp::cluster::WorkerStatus]) -> bool {
     w.iter().all(|w| w.state == WorkerState::Running)
 }
 
+/// Starts `config` running `worker_command(body)` and waits until every worker runs.
+async fn start_running(
+    config: ClusterConfig,
+    body: usize,
+) -> (
+    ClusterHandle,
+    tokio::task::JoinHandle<Result<(), ulb_tcp::cluster::ClusterError>>,
+) {
+    let cluster = Cluster::new(config, worker_command(body)).unwrap();
+    let handle = cluster.handle();
+    let run = tokio::spawn(cluster.run(std::future::pending()));
+    wait_for(
+        &handle,
+        Duration::from_secs(10),
+        "every worker running",
+        all_running,
+    )
+    .await;
+    (handle, run)
+}
+
 /// A steady client load through `addr`: `clients` loops of connect, read all, check.
 struct Load {
     stop: Arc<AtomicBool>,
@@ -266,16 +287,7 @@ async fn workers_get_their_identity_and_all_take_connections() {
         .processes(3)
         .base_port(base)
         .balancer("127.0.0.1:0".parse().unwrap());
-    let cluster = Cluster::new(config, worker_command(16)).unwrap();
-    let handle = cluster.handle();
-    let run = tokio::spawn(cluster.run(std::future::pending()));
-    wait_for(
-        &handle,
-        Duration::from_secs(10),
-        "every worker running",
-        all_running,
-    )
-    .await;
+    let (handle, run) = start_running(config, 16).await;
     let pids: Vec<u32> = handle.workers().iter().map(|w| w.pid.unwrap()).collect();
     let _guard = KillPids(pids.clone());
     let addr = handle.balancer_addr().unwrap();
@@ -327,16 +339,7 @@ async fn kill_9_of_a_worker_under_load_costs_clients_nothing() {
         .processes(3)
         .base_port(base)
         .balancer("127.0.0.1:0".parse().unwrap());
-    let cluster = Cluster::new(config, worker_command(1024)).unwrap();
-    let handle = cluster.handle();
-    let run = tokio::spawn(cluster.run(std::future::pending()));
-    wait_for(
-        &handle,
-        Duration::from_secs(10),
-        "every worker running",
-        all_running,
-    )
-    .await;
+    let (handle, run) = start_running(config, 1024).await;
     let victim = handle.workers()[1].clone();
     let old_pid = victim.pid.unwrap();
     let _guard = KillPids(handle.workers().iter().filter_map(|w| w.pid).collect());
@@ -402,17 +405,8 @@ async fn rolling_restart_through_the_handle_and_supervise_only_mode() {
         .processes(2)
         .base_port(base)
         .ready_check(ReadyCheck::Port);
-    let cluster = Cluster::new(config, worker_command(0)).unwrap();
-    let handle = cluster.handle();
+    let (handle, run) = start_running(config, 0).await;
     assert!(handle.balancer().is_none());
-    let run = tokio::spawn(cluster.run(std::future::pending()));
-    wait_for(
-        &handle,
-        Duration::from_secs(10),
-        "every worker running",
-        all_running,
-    )
-    .await;
     let before: Vec<u32> = handle.workers().iter().map(|w| w.pid.unwrap()).collect();
     let _guard = KillPids(before.clone());
     let t = Instant::now();
