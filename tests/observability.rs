@@ -121,6 +121,40 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Polls `ready` every `every` until it holds (true), or until the process exits (false: the caller
+    /// retries on other ports); panics after DEADLINE.
+    async fn wait_ready<F, Fut>(
+        &mut self,
+        what: &str,
+        attempt: usize,
+        every: Duration,
+        mut ready: F,
+    ) -> bool
+    where
+        F: FnMut(&Proc) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if ready(self).await {
+                return true;
+            }
+            if let Some(status) = self.exited() {
+                eprintln!(
+                    "{what} attempt {attempt} exited ({status}); retrying on other ports:\n{}",
+                    self.log_tail()
+                );
+                return false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} was not ready within {DEADLINE:?}:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(every).await;
+        }
+    }
+
     /// The last lines of the log, for failure messages.
     fn log_tail(&self) -> String {
         let text = self.log_text();
@@ -164,29 +198,18 @@ async fn start_balancer(backends: &[SocketAddr], extra: &[&str]) -> Balancer {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
         let mut proc = Proc::spawn(&mut cmd, dir.path().join("ulb-tcp.log"));
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if proc.log_text().contains("balancer accepting connections") {
-                return Balancer {
-                    proc,
-                    listen,
-                    metrics,
-                    _dir: dir,
-                };
-            }
-            if let Some(status) = proc.exited() {
-                eprintln!(
-                    "ulb-tcp attempt {attempt} exited ({status}); retrying on other ports:\n{}",
-                    proc.log_tail()
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ulb-tcp did not start within {DEADLINE:?}:\n{}",
-                proc.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = proc
+            .wait_ready("ulb-tcp", attempt, Duration::from_millis(10), |p| {
+                std::future::ready(p.log_text().contains("balancer accepting connections"))
+            })
+            .await;
+        if started {
+            return Balancer {
+                proc,
+                listen,
+                metrics,
+                _dir: dir,
+            };
         }
     }
     panic!("ulb-tcp could not start after 5 attempts");
@@ -1429,24 +1452,13 @@ async fn start_prometheus(dir: &TempDir, config: &Path) -> Prometheus {
             &mut cmd,
             dir.path().join(format!("prometheus-{attempt}.log")),
         );
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Ok((200, _)) = http_get(addr, "/-/ready", "HTTP/1.1").await {
-                return Prometheus { proc, addr };
-            }
-            if let Some(status) = proc.exited() {
-                eprintln!(
-                    "prometheus attempt {attempt} exited ({status}); retrying on another port:\n{}",
-                    proc.log_tail()
-                );
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "prometheus was not ready within {DEADLINE:?}:\n{}",
-                proc.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let ready = proc
+            .wait_ready("prometheus", attempt, Duration::from_millis(50), |_| async move {
+                matches!(http_get(addr, "/-/ready", "HTTP/1.1").await, Ok((200, _)))
+            })
+            .await;
+        if ready {
+            return Prometheus { proc, addr };
         }
     }
     panic!("prometheus could not start after 5 attempts");
