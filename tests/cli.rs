@@ -91,12 +91,22 @@ fn free_port() -> SocketAddr {
 
 /// Starts the balancer on a free port and waits until it accepts.
 async fn start(extra: &[&str]) -> (Proc, SocketAddr) {
+    start_wrapped(&[], extra).await
+}
+
+/// The same, run through `wrapper` (for example `prlimit --nofile=48:48`) when it is not empty.
+async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> (Proc, SocketAddr) {
     for _ in 0..5 {
         let listen = free_port();
-        let mut args = vec!["--listen".to_string(), listen.to_string()];
+        let mut args: Vec<String> = wrapper.iter().skip(1).map(|s| s.to_string()).collect();
+        if !wrapper.is_empty() {
+            args.push(BIN.to_string());
+        }
+        args.extend(["--listen".to_string(), listen.to_string()]);
         args.extend(extra.iter().map(|s| s.to_string()));
+        let program = wrapper.first().copied().unwrap_or(BIN);
         let mut child = Proc(
-            Command::new(BIN)
+            Command::new(program)
                 .args(&args)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
@@ -312,28 +322,12 @@ async fn running_out_of_file_descriptors_neither_ends_nor_spins_the_server() {
         return;
     }
     let backend = Backend::tagged(7).await;
-    let listen = free_port();
-    let mut lb = Proc(
-        Command::new("prlimit")
-            .args([
-                "--nofile=48:48",
-                BIN,
-                "--listen",
-                &listen.to_string(),
-                "--backends",
-            ])
-            .arg(backend.addr.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    while TcpStream::connect(listen).await.is_err() {
-        assert!(start.elapsed() < Duration::from_secs(10), "never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let target = backend.addr.to_string();
+    let (mut lb, listen) = start_wrapped(
+        &["prlimit", "--nofile=48:48"],
+        &["--max-connections", "1000", "--backends", &target],
+    )
+    .await;
     // Far more clients than 48 descriptors allow: some are served, the rest wait in the backlog while
     // accept() fails with EMFILE.
     // (A client accepted when no descriptor is left for its backend connection is reset.)
