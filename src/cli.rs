@@ -103,6 +103,12 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub restart_window: Duration,
 
+    /// Keep up to BYTES of what a client sends until its worker answers; if the worker dies (or closes)
+    /// before its first byte, send them to another worker instead (0: off, for workers that must never
+    /// see a request twice).
+    #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
+    pub replay_limit: usize,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -120,6 +126,7 @@ impl ClusterArgs {
             .strategy(self.strategy.into())
             .drain_timeout(self.drain_timeout)
             .kill_timeout(self.kill_timeout)
+            .replay_limit(self.replay_limit)
             .restart(RestartPolicy {
                 max_restarts: self.max_restarts,
                 window: self.restart_window,
@@ -212,6 +219,12 @@ pub struct BalancerArgs {
     /// Buffer per direction while data is in flight, in the pooled mode (bytes; k and m suffixes).
     #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
     pub buffer_size: usize,
+
+    /// Keep up to BYTES of what a client sends until its backend answers; if the backend closes or
+    /// resets before its first byte, send them to another backend instead (0: off). Only for backends
+    /// where a request that got no answer may be delivered twice.
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_size)]
+    pub replay_limit: usize,
 
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -329,6 +342,7 @@ impl BalancerArgs {
             .drain_timeout(self.drain_timeout)
             .copy_mode(self.copy_mode.into())
             .buffer_size(self.buffer_size)
+            .replay_limit(self.replay_limit)
             .health(PassiveHealth {
                 failure_threshold: self.fail_threshold,
                 backoff: self.down_backoff,

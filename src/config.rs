@@ -12,6 +12,9 @@ use crate::strategy::Strategy;
 /// The largest weight a backend may have (as in HAProxy).
 pub const MAX_WEIGHT: u32 = 256;
 
+/// The largest [`BalancerConfig::replay_limit`].
+const MAX_REPLAY: usize = 16 << 20;
+
 /// One backend: where to connect and how much traffic it takes relative to the others.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
@@ -202,6 +205,19 @@ pub struct BalancerConfig {
     pub buffer_size: usize,
     /// How bytes are moved (default [`CopyMode::Pooled`]).
     pub copy_mode: CopyMode,
+    /// Replay up to this many bytes of the client's data to another backend when the chosen one closes
+    /// or resets the connection before sending a single byte back (default 0: off).
+    ///
+    /// Until the backend's first byte arrives, the client's bytes are kept (as well as sent); if the
+    /// backend then goes away — it crashed, was killed, or its listen queue was dropped — another backend
+    /// is connected, sent the same bytes (and the client's FIN, if it came) and the client never knows.
+    /// Past the limit, or once the backend has answered, the connection is committed to it.
+    ///
+    /// Off by default because it is only safe when a request that got no answer may be delivered twice:
+    /// a backend that acted on a request and died before replying will see it again on another backend.
+    /// The cluster turns it on (its workers are replicas of one program, and a crashed worker is the
+    /// event it exists to hide). Not with [`CopyMode::Plain`].
+    pub replay_limit: usize,
     /// Seed for the random and p2c strategies; `None` takes one from the OS.
     pub seed: Option<u64>,
 }
@@ -221,6 +237,7 @@ impl BalancerConfig {
             health: PassiveHealth::default(),
             buffer_size: 64 * 1024,
             copy_mode: CopyMode::Pooled,
+            replay_limit: 0,
             seed: None,
         }
     }
@@ -273,6 +290,12 @@ impl BalancerConfig {
     /// Sets how bytes are moved.
     pub fn copy_mode(mut self, mode: CopyMode) -> Self {
         self.copy_mode = mode;
+        self
+    }
+    /// Sets how many of the client's bytes may be replayed to another backend that has not answered yet
+    /// (0 turns replay off; see [`BalancerConfig::replay_limit`]).
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.replay_limit = bytes;
         self
     }
     /// Seeds the random and p2c strategies (for reproducible tests).
@@ -330,6 +353,18 @@ impl BalancerConfig {
             return Err(ConfigError::Invalid(format!(
                 "buffer size {} is out of range (512 bytes to 16 MiB)",
                 self.buffer_size
+            )));
+        }
+        if self.replay_limit > 0 && self.copy_mode == CopyMode::Plain {
+            return Err(ConfigError::Invalid(
+                "replay needs copy mode 'pooled' or 'splice', not 'plain' (the benchmark baseline)"
+                    .into(),
+            ));
+        }
+        if self.replay_limit > MAX_REPLAY {
+            return Err(ConfigError::Invalid(format!(
+                "replay limit {} is out of range (0 to 16 MiB)",
+                self.replay_limit
             )));
         }
         Ok(())
@@ -404,10 +439,16 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("127.0.0.1:1@0"), "{err}");
-        let err = BalancerConfig::new([b])
+        let err = BalancerConfig::new([b.clone()])
             .connect_timeout(Duration::ZERO)
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("connect timeout"), "{err}");
+        let replay = BalancerConfig::new([b]).replay_limit(64 << 10);
+        assert!(replay.clone().validate().is_ok());
+        let err = replay.clone().copy_mode(CopyMode::Plain).validate();
+        assert!(err.unwrap_err().to_string().contains("'plain'"));
+        let err = replay.replay_limit(17 << 20).validate();
+        assert!(err.unwrap_err().to_string().contains("17825792"));
     }
 }

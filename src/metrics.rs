@@ -18,7 +18,9 @@ pub const CONNECTIONS_TOTAL: &str = "ulb_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "ulb_connections_active";
 /// Bytes carried, by `backend` and `direction` (`client_to_backend`, `backend_to_client`).
 pub const BYTES_TOTAL: &str = "ulb_bytes_total";
-/// Failed connects to a backend, by `backend` and `reason` (`refused`, `timeout`, `other`).
+/// Failed connects to a backend, by `backend` and `reason` (`refused`, `timeout`, `other`, and
+/// `unanswered`: with replay on, the backend closed or reset before its first byte and the client's bytes
+/// went to another backend).
 pub const CONNECT_ERRORS_TOTAL: &str = "ulb_connect_errors_total";
 /// Time to connect to a backend, by `backend` (histogram, seconds).
 pub const CONNECT_DURATION_SECONDS: &str = "ulb_connect_duration_seconds";
@@ -63,6 +65,8 @@ pub(crate) enum ConnectFailure {
     Refused,
     Timeout,
     Other,
+    /// Connected, then closed or reset before sending a byte (counted only when replay is on).
+    Unanswered,
 }
 
 impl ConnectFailure {
@@ -71,6 +75,7 @@ impl ConnectFailure {
             ConnectFailure::Refused => "refused",
             ConnectFailure::Timeout => "timeout",
             ConnectFailure::Other => "other",
+            ConnectFailure::Unanswered => "unanswered",
         }
     }
 }
@@ -156,6 +161,7 @@ pub(crate) struct BackendMetrics {
     refused: Counter,
     timeout: Counter,
     other: Counter,
+    unanswered: Counter,
     connect_duration: Histogram,
     up: Gauge,
     weight: Gauge,
@@ -184,6 +190,7 @@ impl BackendMetrics {
             refused: errors(ConnectFailure::Refused),
             timeout: errors(ConnectFailure::Timeout),
             other: errors(ConnectFailure::Other),
+            unanswered: errors(ConnectFailure::Unanswered),
             connect_duration: histogram!(CONNECT_DURATION_SECONDS, &[b()]),
             up: gauge!(BACKEND_UP, &[b()]),
             weight: gauge!(BACKEND_WEIGHT, &[b()]),
@@ -207,6 +214,7 @@ impl BackendMetrics {
             ConnectFailure::Refused => &self.refused,
             ConnectFailure::Timeout => &self.timeout,
             ConnectFailure::Other => &self.other,
+            ConnectFailure::Unanswered => &self.unanswered,
         }
         .increment(1);
     }

@@ -23,7 +23,7 @@ use metrics::Counter;
 use std::pin::Pin;
 use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -45,8 +45,9 @@ pub(crate) async fn serve_connection(
     // Best effort: a client that already left makes this fail, and the first read will say so.
     let _ = client.set_nodelay(true);
 
+    let mut tried = Vec::new();
     let connected = tokio::select! {
-        c = connect(&shared, peer) => c,
+        c = connect(&shared, peer, &mut tried) => c,
         () = shared.hard_stop.cancelled() => None,
     };
     let Some((backend, guard)) = connected else {
@@ -55,10 +56,22 @@ pub(crate) async fn serve_connection(
     };
 
     let counts = Counts::default();
-    let (mut client, mut backend) = (client, backend);
+    let mut client = client;
+    let (mut backend, guard, client_ended) = if shared.config.replay_limit == 0 {
+        (backend, guard, false)
+    } else {
+        match until_answered(&shared, peer, &mut client, backend, guard, tried, &counts).await {
+            Ok(answered) => answered,
+            Err(end) => {
+                abort(&client);
+                tracing::debug!(client = %peer, end = %end, "connection closed before any backend answered");
+                return;
+            }
+        }
+    };
     let end = match shared.config.copy_mode {
         CopyMode::Pooled | CopyMode::Splice => tokio::select! {
-            end = splice(&shared, &mut client, &mut backend, guard.backend(), &counts) => end,
+            end = splice(&shared, &mut client, &mut backend, guard.backend(), &counts, client_ended) => end,
             () = shared.hard_stop.cancelled() => End::DrainDeadline,
         },
         CopyMode::Plain => tokio::select! {
@@ -86,12 +99,16 @@ pub(crate) async fn serve_connection(
     );
 }
 
-/// Tries up to `connect_attempts` backends, never one that already failed for this client.
-async fn connect(shared: &Shared, peer: SocketAddr) -> Option<(TcpStream, ActiveGuard)> {
+/// Tries backends until one connects, never one in `tried` (those that already failed this client), until
+/// `tried` holds `connect_attempts` of them.
+async fn connect(
+    shared: &Shared,
+    peer: SocketAddr,
+    tried: &mut Vec<Arc<Backend>>,
+) -> Option<(TcpStream, ActiveGuard)> {
     let config = &shared.config;
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
-    for _ in 0..config.connect_attempts {
-        let Some(backend) = shared.selector.pick(&tried) else {
+    while tried.len() < config.connect_attempts as usize {
+        let Some(backend) = shared.selector.pick(tried) else {
             shared.metrics.no_backend.increment(1);
             break;
         };
@@ -192,6 +209,9 @@ enum End {
     CopyFailed(io::Error),
     /// A shutdown's drain deadline passed.
     DrainDeadline,
+    /// Replay was on, and no backend answered: each closed before its first byte, or none could be
+    /// connected.
+    NoAnswer,
 }
 
 impl std::fmt::Display for End {
@@ -204,8 +224,131 @@ impl std::fmt::Display for End {
             End::WriteFailed(side, e) => write!(f, "write to {side:?} failed: {e}"),
             End::CopyFailed(e) => write!(f, "copy failed: {e}"),
             End::DrainDeadline => f.write_str("closed at the drain deadline"),
+            End::NoAnswer => f.write_str("no backend answered"),
         }
     }
+}
+
+/// The replay phase (only with [`BalancerConfig::replay_limit`] above 0): carries the client's bytes to
+/// the backend *and keeps them*, until the backend sends its first byte. If instead the backend closes or
+/// resets first (or a write to it fails), it is counted as failed, another backend is connected, and the
+/// kept bytes (and the client's FIN, if it came) are sent to that one. Returns the backend that answered,
+/// its guard, and whether the client's FIN was already passed on; the bytes of the answer read so far
+/// have been written to the client. Past the limit, the connection is committed to the backend at hand.
+///
+/// [`BalancerConfig::replay_limit`]: crate::BalancerConfig::replay_limit
+async fn until_answered(
+    shared: &Shared,
+    peer: SocketAddr,
+    client: &mut TcpStream,
+    mut backend: TcpStream,
+    mut guard: ActiveGuard,
+    mut tried: Vec<Arc<Backend>>,
+    counts: &Counts,
+) -> Result<(TcpStream, ActiveGuard, bool), End> {
+    use bytes::BufMut;
+
+    let cfg = &shared.config;
+    let mut kept: Vec<u8> = Vec::new();
+    let mut client_ended = false;
+    let mut last_activity = Instant::now();
+    loop {
+        let went_away = tokio::select! {
+            biased;
+            () = shared.hard_stop.cancelled() => {
+                abort(&backend);
+                return Err(End::DrainDeadline);
+            }
+            r = backend.readable() => {
+                let mut buf = PooledBuf::take(cfg.buffer_size);
+                match r.and_then(|()| backend.try_read(&mut buf)) {
+                    // After the client's FIN, the backend's FIN is an answer: "nothing to say".
+                    Ok(0) if client_ended => return Ok((backend, guard, client_ended)),
+                    Ok(0) => "closed",
+                    Ok(n) => {
+                        let mut tally = Tally::new(&counts.to_client, &guard.backend().metrics.bytes_to_client);
+                        let written = write_all(client, &buf[..n], &mut tally).await;
+                        drop(tally);
+                        if let Err(e) = written {
+                            abort(&backend);
+                            return Err(End::WriteFailed(Side::Client, e));
+                        }
+                        return Ok((backend, guard, client_ended));
+                    }
+                    Err(e) if is_retryable(&e) => continue,
+                    Err(_) => "reset",
+                }
+            }
+            r = client.readable(), if !client_ended => {
+                let room = cfg.replay_limit - kept.len();
+                if room == 0 {
+                    // Too much to keep: commit to this backend, as if replay were off from here on.
+                    return Ok((backend, guard, client_ended));
+                }
+                let start = kept.len();
+                let read = r.and_then(|()| client.try_read_buf(&mut (&mut kept).limit(room)));
+                match read {
+                    Ok(0) => {
+                        client_ended = true;
+                        match socket2::SockRef::from(&backend).shutdown(Shutdown::Write) {
+                            Ok(()) => continue,
+                            Err(_) => "reset",
+                        }
+                    }
+                    Ok(_) => {
+                        last_activity = Instant::now();
+                        let mut tally = Tally::new(&counts.to_backend, &guard.backend().metrics.bytes_to_backend);
+                        match write_all(&mut backend, &kept[start..], &mut tally).await {
+                            Ok(()) => continue,
+                            Err(_) => "reset",
+                        }
+                    }
+                    Err(e) if is_retryable(&e) => continue,
+                    Err(e) => {
+                        abort(&backend);
+                        return Err(End::ReadFailed(Side::Client, e));
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(last_activity + cfg.idle_timeout) => {
+                abort(&backend);
+                return Err(End::Idle { half_closed: client_ended });
+            }
+        };
+
+        // The backend went away without a word: give the same bytes to another.
+        let failed = guard.backend().clone();
+        failed.metrics.connect_failed(ConnectFailure::Unanswered);
+        failed.connect_failed(&cfg.health);
+        tracing::debug!(client = %peer, backend = %failed.name(), how = went_away,
+            kept = kept.len(), "backend went away before answering; replaying to another");
+        abort(&backend);
+        drop((backend, guard));
+        tried.push(failed);
+        let connected = tokio::select! {
+            c = connect(shared, peer, &mut tried) => c,
+            () = shared.hard_stop.cancelled() => return Err(End::DrainDeadline),
+        };
+        (backend, guard) = connected.ok_or(End::NoAnswer)?;
+        let mut tally = Tally::new(
+            &counts.to_backend,
+            &guard.backend().metrics.bytes_to_backend,
+        );
+        // A failure here shows as this backend's close or reset, which the loop handles.
+        if write_all(&mut backend, &kept, &mut tally).await.is_ok() && client_ended {
+            let _ = socket2::SockRef::from(&backend).shutdown(Shutdown::Write);
+        }
+        drop(tally);
+        last_activity = Instant::now();
+    }
+}
+
+/// `WouldBlock` (spurious readiness) and `Interrupted`: try again.
+fn is_retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 /// The baseline path: Tokio's `copy_bidirectional` with 8 KiB buffers. Byte counts are known only at the
@@ -251,6 +394,7 @@ async fn splice(
     backend: &mut TcpStream,
     b: &Backend,
     counts: &Counts,
+    client_ended: bool,
 ) -> End {
     let cfg = &shared.config;
     let activity = Activity {
@@ -281,7 +425,8 @@ async fn splice(
     let up = up.run(use_splice);
     let down = down.run(use_splice);
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
+    // When the client's FIN was already passed on (during the replay phase), the up pump is never polled.
+    let (mut up_done, mut down_done) = (client_ended, false);
     let idle = tokio::time::sleep(cfg.idle_timeout);
     tokio::pin!(idle);
     loop {
@@ -358,11 +503,7 @@ impl Pump<'_> {
         use std::os::fd::AsRawFd;
         use tokio::io::Interest;
 
-        let mut tally = Tally {
-            pending: 0,
-            carried: self.carried,
-            metric: self.metric,
-        };
+        let mut tally = Tally::new(self.carried, self.metric);
         let (from, to) = (self.from.as_ref(), self.to.as_ref());
         let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
         let read_failed = |e| End::ReadFailed(self.source_side(), e);
@@ -418,11 +559,7 @@ impl Pump<'_> {
     async fn run_buffered(mut self) -> Result<(), End> {
         // Counted locally and published once per burst (and when dropped, whatever the way out), so that
         // the shared counters see one atomic add per burst rather than one per write, and stay exact.
-        let mut tally = Tally {
-            pending: 0,
-            carried: self.carried,
-            metric: self.metric,
-        };
+        let mut tally = Tally::new(self.carried, self.metric);
         loop {
             // Wait with no buffer held: an idle connection costs no buffer memory.
             self.from
@@ -476,7 +613,7 @@ async fn read_if_ready(from: &mut ReadHalf<'_>, buf: &mut [u8]) -> Option<io::Re
 
 /// Writes all of `data`, counting every byte that got through in `tally`, even when a later write fails.
 async fn write_all(
-    to: &mut WriteHalf<'_>,
+    to: &mut (impl AsyncWrite + Unpin),
     mut data: &[u8],
     tally: &mut Tally<'_>,
 ) -> io::Result<()> {
@@ -504,7 +641,15 @@ struct Tally<'a> {
     metric: &'a Counter,
 }
 
-impl Tally<'_> {
+impl<'a> Tally<'a> {
+    fn new(carried: &'a AtomicU64, metric: &'a Counter) -> Self {
+        Tally {
+            pending: 0,
+            carried,
+            metric,
+        }
+    }
+
     fn flush(&mut self) {
         if self.pending != 0 {
             self.carried.fetch_add(self.pending, Relaxed);

@@ -12,11 +12,52 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use ulb_tcp::{BackendConfig, BalancerConfig, CopyMode, PassiveHealth, Strategy};
 
-/// Every data path must pass the integrity, half-close and reset tests unchanged.
+/// A data path: how bytes are copied, and whether the replay phase (which carries every connection's
+/// first bytes before the backend answers) runs first.
+#[derive(Debug, Clone, Copy)]
+struct Path {
+    mode: CopyMode,
+    replay_limit: usize,
+}
+
+const fn path(mode: CopyMode) -> Path {
+    Path {
+        mode,
+        replay_limit: 0,
+    }
+}
+
+/// Every data path must pass the integrity, half-close and reset tests unchanged. The replay path keeps
+/// 64 KiB, so the larger transfers also cross its commit point.
 #[cfg(target_os = "linux")]
-const MODES: [CopyMode; 3] = [CopyMode::Pooled, CopyMode::Splice, CopyMode::Plain];
+const MODES: [Path; 4] = [
+    path(CopyMode::Pooled),
+    path(CopyMode::Splice),
+    path(CopyMode::Plain),
+    Path {
+        mode: CopyMode::Pooled,
+        replay_limit: 64 << 10,
+    },
+];
 #[cfg(not(target_os = "linux"))]
-const MODES: [CopyMode; 2] = [CopyMode::Pooled, CopyMode::Plain];
+const MODES: [Path; 3] = [
+    path(CopyMode::Pooled),
+    path(CopyMode::Plain),
+    Path {
+        mode: CopyMode::Pooled,
+        replay_limit: 64 << 10,
+    },
+];
+
+trait OnPath {
+    fn on(self, path: Path) -> Self;
+}
+
+impl OnPath for BalancerConfig {
+    fn on(self, path: Path) -> Self {
+        self.copy_mode(path.mode).replay_limit(path.replay_limit)
+    }
+}
 
 fn config(addrs: &[std::net::SocketAddr]) -> BalancerConfig {
     BalancerConfig::new(addrs.iter().map(|&a| BackendConfig::new(a)))
@@ -197,9 +238,9 @@ async fn every_size_arrives_byte_exact_both_ways() {
     }
 }
 
-async fn every_size(mode: CopyMode) {
+async fn every_size(mode: Path) {
     let backend = Backend::echo().await;
-    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
+    let lb = Running::start(config(&[backend.addr]).on(mode)).await;
     for (i, len) in [0, 1, 8191, 8192, 8193, 65535, 1 << 20, 64 << 20]
         .into_iter()
         .enumerate()
@@ -222,9 +263,9 @@ async fn a_hundred_concurrent_clients_each_get_their_own_bytes() {
     }
 }
 
-async fn a_hundred_concurrent_clients(mode: CopyMode) {
+async fn a_hundred_concurrent_clients(mode: Path) {
     let backend = Backend::echo().await;
-    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
+    let lb = Running::start(config(&[backend.addr]).on(mode)).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..100u64 {
         let addr = lb.addr;
@@ -267,9 +308,9 @@ async fn client_half_close_reaches_the_backend_and_the_answer_still_flows() {
     }
 }
 
-async fn client_half_close(mode: CopyMode) {
+async fn client_half_close(mode: Path) {
     let backend = summarising_backend().await;
-    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
+    let lb = Running::start(config(&[backend.addr]).on(mode)).await;
     let data = pattern(5, 300_000);
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(&data).await.unwrap();
@@ -292,7 +333,7 @@ async fn backend_half_close_reaches_the_client_and_the_client_can_still_send() {
     }
 }
 
-async fn backend_half_close(mode: CopyMode) {
+async fn backend_half_close(mode: Path) {
     let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
     let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
     let backend = Backend::spawn(move |mut s| {
@@ -308,7 +349,7 @@ async fn backend_half_close(mode: CopyMode) {
         }
     })
     .await;
-    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
+    let lb = Running::start(config(&[backend.addr]).on(mode)).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     let mut greeting = Vec::new();
     s.read_to_end(&mut greeting).await.unwrap(); // ends with the backend's FIN
@@ -337,14 +378,14 @@ async fn a_backend_reset_mid_stream_reaches_the_client_as_an_error() {
     }
 }
 
-async fn backend_reset(mode: CopyMode) {
+async fn backend_reset(mode: Path) {
     let backend = Backend::spawn(|mut s| async move {
         let _ = s.write_all(&pattern(1, 200_000)).await;
         let _ = s.set_zero_linger();
         drop(s); // RST
     })
     .await;
-    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
+    let lb = Running::start(config(&[backend.addr]).on(mode)).await;
     for _ in 0..10 {
         // The reset can arrive before the connect has even been reported: that too is an error.
         let r = match TcpStream::connect(lb.addr).await {
@@ -373,7 +414,7 @@ async fn a_client_reset_reaches_the_backend_as_an_error() {
     }
 }
 
-async fn client_reset(mode: CopyMode) {
+async fn client_reset(mode: Path) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Backend::spawn(move |mut s| {
         let tx = tx.clone();
@@ -383,7 +424,7 @@ async fn client_reset(mode: CopyMode) {
         }
     })
     .await;
-    let lb = Running::start(config(&[backend.addr]).copy_mode(mode)).await;
+    let lb = Running::start(config(&[backend.addr]).on(mode)).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(b"partial request").await.unwrap();
     lb.wait_for("the backend connection", |st| st[0].total == 1)
@@ -520,12 +561,13 @@ async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_both_sides() {
     // The plain path does not enforce idle timeouts (documented); the two pump paths must.
-    idle_timeout(CopyMode::Pooled).await;
+    idle_timeout(path(CopyMode::Pooled)).await;
     #[cfg(target_os = "linux")]
-    idle_timeout(CopyMode::Splice).await;
+    idle_timeout(path(CopyMode::Splice)).await;
+    idle_timeout(MODES[MODES.len() - 1]).await;
 }
 
-async fn idle_timeout(mode: CopyMode) {
+async fn idle_timeout(mode: Path) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let backend = Backend::spawn(move |mut s| {
         let tx = tx.clone();
@@ -543,7 +585,7 @@ async fn idle_timeout(mode: CopyMode) {
     .await;
     let cfg = config(&[backend.addr])
         .idle_timeout(Duration::from_millis(400))
-        .copy_mode(mode);
+        .on(mode);
     let lb = Running::start(cfg).await;
     let mut s = TcpStream::connect(lb.addr).await.unwrap();
     s.write_all(b"ping").await.unwrap();
@@ -739,4 +781,155 @@ async fn a_disabled_backend_takes_no_new_connections_but_keeps_its_open_ones() {
     assert_eq!(seen, [5, 5]);
     drop(open);
     assert_eq!(lb.stop().await.forced, 0);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Replay: a backend that goes away before answering
+
+/// How a backend that never answers goes away.
+#[derive(Debug, Clone, Copy)]
+enum Death {
+    /// Reset at once, reading nothing (like a connection still in a dead process's listen queue).
+    ResetAtOnce,
+    /// Reads the whole request, then closes with a FIN (a crash with nothing left unread).
+    CloseAfterRequest,
+    /// Reads the whole request, then resets.
+    ResetAfterRequest,
+}
+
+const REQUEST: usize = 10_000;
+
+/// A backend that accepts and goes away as `death` says, without sending a byte.
+async fn dying(death: Death) -> Backend {
+    Backend::spawn(move |mut s| async move {
+        if !matches!(death, Death::ResetAtOnce) {
+            let mut got = vec![0; REQUEST];
+            let _ = s.read_exact(&mut got).await;
+        }
+        if !matches!(death, Death::CloseAfterRequest) {
+            let _ = s.set_zero_linger();
+        }
+    })
+    .await
+}
+
+/// A backend that reads a `REQUEST`-byte request and answers with its length and fingerprint.
+async fn answering() -> Backend {
+    Backend::spawn(|mut s| async move {
+        let mut got = vec![0; REQUEST];
+        if s.read_exact(&mut got).await.is_ok() {
+            let _ = s
+                .write_all(format!("{:016x}\n", fnv(&got)).as_bytes())
+                .await;
+        }
+    })
+    .await
+}
+
+/// Sends a request (and a FIN after it, if `fin`), returns the answer up to EOF.
+async fn request(addr: std::net::SocketAddr, seed: u64, fin: bool) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&pattern(seed, REQUEST)).await?;
+    if fin {
+        s.shutdown().await?;
+    }
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .map_err(|_| std::io::Error::other("no answer in 10 s"))??;
+    Ok(answer)
+}
+
+fn replaying(addrs: &[std::net::SocketAddr]) -> BalancerConfig {
+    config(addrs).replay_limit(64 << 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_dies_before_answering_is_replaced_without_the_client_knowing() {
+    let deaths = [
+        Death::ResetAtOnce,
+        Death::CloseAfterRequest,
+        Death::ResetAfterRequest,
+    ];
+    for death in deaths {
+        // With the client's FIN sent before the death, a backend's FIN is an answer (an empty one), so
+        // only resets are replayed then.
+        let fins: &[bool] = match death {
+            Death::CloseAfterRequest => &[false],
+            _ => &[false, true],
+        };
+        for &fin in fins {
+            let (bad, good) = (dying(death).await, answering().await);
+            let lb = Running::start(replaying(&[bad.addr, good.addr])).await;
+            for i in 0..10u64 {
+                let answer = request(lb.addr, i, fin).await;
+                let expected = format!("{:016x}\n", fnv(&pattern(i, REQUEST)));
+                assert_eq!(
+                    answer.ok().as_deref(),
+                    Some(expected.as_bytes()),
+                    "{death:?}, fin {fin}, request {i}"
+                );
+            }
+            let stats = lb.handle.backend(bad.addr).unwrap();
+            assert!(bad.accepted() >= 1, "{death:?}: round robin starts with it");
+            assert_eq!(stats.connect_failures as usize, bad.accepted(), "{death:?}");
+            assert_eq!(good.accepted(), 10, "{death:?}, fin {fin}");
+            lb.stop().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_replay_or_past_its_limit_the_close_reaches_the_client() {
+    // 0 is the default (off); 4 KiB is less than the request, so the connection is committed first.
+    for limit in [0, 4096] {
+        let (bad, good) = (dying(Death::CloseAfterRequest).await, answering().await);
+        let lb = Running::start(config(&[bad.addr, good.addr]).replay_limit(limit)).await;
+        let first = request(lb.addr, 1, false).await; // round robin: the dying one
+        assert!(
+            first.as_ref().is_ok_and(|a| a.is_empty()),
+            "limit {limit}: {first:?}"
+        );
+        let second = request(lb.addr, 2, false).await.unwrap();
+        assert_eq!(second.len(), 17, "limit {limit}");
+        assert_eq!(good.accepted(), 1, "limit {limit}: nothing was replayed");
+        lb.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_no_backend_answers_the_client_is_closed_after_every_one_was_tried() {
+    let bad = [
+        dying(Death::ResetAfterRequest).await,
+        dying(Death::CloseAfterRequest).await,
+    ];
+    let lb = Running::start(replaying(&addrs(&bad))).await;
+    let answer = request(lb.addr, 3, false).await;
+    assert!(answer.as_ref().map_or(true, |a| a.is_empty()), "{answer:?}");
+    assert_eq!([bad[0].accepted(), bad[1].accepted()], [1, 1]);
+    lb.wait_for("the guards to be released", |s| {
+        s.iter().all(|b| b.active == 0)
+    })
+    .await;
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_silent_before_answering_is_cut_at_the_idle_timeout() {
+    let silent = Backend::spawn(|mut s| async move {
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink).await;
+    })
+    .await;
+    let cfg = replaying(&[silent.addr]).idle_timeout(Duration::from_millis(300));
+    let lb = Running::start(cfg).await;
+    let t0 = Instant::now();
+    let answer = request(lb.addr, 4, false).await;
+    assert!(answer.as_ref().map_or(true, |a| a.is_empty()), "{answer:?}");
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    lb.stop().await;
 }

@@ -174,6 +174,16 @@ fn bad_input_gets_one_line_and_exit_code_two() {
         2,
         "max connections 0",
     );
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--replay-limit", "32m"],
+        2,
+        "replay limit 33554432",
+    );
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--replay-limit", "lots"],
+        2,
+        "'lots'",
+    );
 }
 
 #[test]
@@ -226,6 +236,7 @@ fn help_explains_every_flag() {
         "--drain-timeout",
         "--log-format",
         "--metrics",
+        "--replay-limit",
         "Examples:",
         "@",
     ] {

@@ -168,6 +168,10 @@ pub struct ClusterConfig {
     /// How long a rolling restart waits for a replacement to accept before it stops with an error
     /// (default 60 s). The worker itself keeps being supervised.
     pub ready_timeout: Duration,
+    /// The balancer's [`BalancerConfig::replay_limit`] (default 64 KiB): a client whose worker dies
+    /// before answering is carried to another worker with the bytes it sent. 0 turns it off, for
+    /// workers that must never see a request twice.
+    pub replay_limit: usize,
 }
 
 impl Default for ClusterConfig {
@@ -183,6 +187,7 @@ impl Default for ClusterConfig {
             ready_check: ReadyCheck::Auto,
             ready_poll_interval: Duration::from_millis(20),
             ready_timeout: Duration::from_secs(60),
+            replay_limit: 64 * 1024,
         }
     }
 }
@@ -235,6 +240,12 @@ impl ClusterConfig {
         self
     }
 
+    /// Sets how many bytes of a client's request may be replayed to another worker (0: never).
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.replay_limit = bytes;
+        self
+    }
+
     /// Sets when a started worker counts as running.
     pub fn ready_check(mut self, check: ReadyCheck) -> Self {
         self.ready_check = check;
@@ -284,8 +295,8 @@ impl ClusterConfig {
     }
 
     /// The balancer's configuration: one weight-1 backend per worker at `127.0.0.1:(base_port + id)`, the
-    /// strategy and drain timeout from here, and a short passive-health back-off (1 s), since the
-    /// supervisor takes exited workers out of rotation itself.
+    /// strategy, drain timeout and replay limit from here, and a short passive-health back-off (1 s),
+    /// since the supervisor takes exited workers out of rotation itself.
     pub fn balancer_config(&self) -> BalancerConfig {
         let backends = (0..self.processes).map(|id| {
             let addr = SocketAddr::from(([127, 0, 0, 1], self.worker_port(id)));
@@ -294,6 +305,7 @@ impl ClusterConfig {
         BalancerConfig::new(backends)
             .strategy(self.strategy)
             .drain_timeout(self.drain_timeout)
+            .replay_limit(self.replay_limit)
             .health(crate::PassiveHealth {
                 backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(5),
