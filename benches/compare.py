@@ -11,8 +11,8 @@ Scenarios (each measured for every target, interleaved: for round: for scenario:
   S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
 
-Targets: direct (client straight to the backend), ulb-tcp (default data path), ulb-tcp splice and ulb-tcp plain copy
-(only if the binary accepts `--copy-mode splice` / `plain`), HAProxy 2.6 mode tcp in several variants (1/2 threads, splice
+Targets: direct (client straight to the backend), ulb-tcp (default data path), ulb-tcp pooled, splice and plain copy
+(only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), HAProxy 2.6 mode tcp in several variants (1/2 threads, splice
 on/off). Each balancer is started fresh for every single measurement and stopped after it.
 
 Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process started is stopped and
@@ -368,8 +368,9 @@ def start_echo(procs, bins):
 class Target:
     """How to put something between the client and a backend; `direct` puts nothing."""
 
-    def __init__(self, name, kind, group, args=None, haproxy=None):
+    def __init__(self, name, kind, group, args=None, haproxy=None, env=None):
         self.name, self.kind, self.group, self.args, self.haproxy = name, kind, group, args or [], haproxy
+        self.env = env or {}
 
     def start(self, env, backend_port):
         """Returns (port clients use, process or None)."""
@@ -379,7 +380,7 @@ class Target:
         if self.kind == "ulb":
             cmd = [env.bins["ulb"], "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{backend_port}"]
             cmd += ["--drain-timeout", "1s"] + self.args
-            p = env.procs.start(self.name, cmd, env=dict(os.environ, RUST_LOG="warn"))
+            p = env.procs.start(self.name, cmd, env=dict(os.environ, RUST_LOG="warn", **self.env))
         else:
             threads, splice = self.haproxy
             cfg = os.path.join(env.tmp, f"haproxy-{port}.cfg")
@@ -432,12 +433,26 @@ backend be
 """
 
 
+def extra_target(spec):
+    """`LABEL=ARGS`: one more ulb-tcp row with these flags; `NAME=VALUE` words before the flags are set in
+    its environment."""
+    label, sep, rest = spec.partition("=")
+    if not sep or not label.strip():
+        sys.exit(f"compare.py: --extra wants LABEL=ARGS, not {spec!r}")
+    words = shlex.split(rest)
+    env = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        k, _, v = words.pop(0).partition("=")
+        env[k] = v
+    return Target(f"ulb-tcp {label.strip()}", "ulb", f"ulb-tcp {label.strip()}", args=words, env=env)
+
+
 def make_targets(bins, quick):
     targets = [Target("direct", "direct", "direct"), Target("ulb-tcp", "ulb", "ulb-tcp")]
     r = subprocess.run([bins["ulb"], "--help"], capture_output=True, text=True)
     # Extra ulb-tcp rows for the other data paths the binary offers.
     plain = []
-    for mode, label in (("splice", "ulb-tcp splice"), ("plain", "ulb-tcp plain copy")):
+    for mode, label in (("pooled", "ulb-tcp pooled"), ("splice", "ulb-tcp splice"), ("plain", "ulb-tcp plain copy")):
         if "--copy-mode" in r.stdout and mode in r.stdout:
             targets.append(Target(label, "ulb", label, args=["--copy-mode", mode]))
             plain.append(label)
@@ -702,7 +717,7 @@ class Results:
         self.notes = []
 
     def median(self, name, key):
-        vals = self.values[name][key]
+        vals = self.values.get(name, {}).get(key)
         return statistics.median(vals) if vals else None
 
     def cell(self, name, key, spread=False, target_kind=None):
@@ -762,7 +777,8 @@ def report(res, targets, plain, header, args, elapsed):
     out.append("## Summary (medians)\n")
     out.append(hdr)
     out.append(sep)
-    main_names = ["direct", "ulb-tcp"] + list(plain)
+    present = {t.name for t in targets}
+    main_names = [n for n in ["direct", "ulb-tcp"] + list(plain) if n in present]
     for n in main_names:
         out.append(row(n))
     hap = []
@@ -785,7 +801,7 @@ def report(res, targets, plain, header, args, elapsed):
     out.append("Median over median; for S1–S3 above 1 means ulb-tcp is faster, for S4–S6 below 1 means it uses less.\n")
     out.append(hdr)
     out.append(sep)
-    for n in main_names[1:]:
+    for n in [n for n in main_names if n != "direct"]:
         for ref_label, ref in (("direct", "direct"), ("HAProxy best", None)):
             cells = []
             for k, _, higher in COLUMNS:
@@ -872,6 +888,11 @@ def main():
     ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
     ap.add_argument("--only", help="comma-separated scenario prefixes to run, e.g. S1,S4 (default all)")
+    ap.add_argument("--targets", help="comma-separated target names to keep, e.g. 'direct,ulb-tcp,HAProxy 1t splice' "
+                    "(default all; extra rows are always kept)")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=ARGS",
+                    help="one more ulb-tcp row, named 'ulb-tcp LABEL', run with these flags, e.g. "
+                    "--extra 'big=--buffer-size 256k' (repeatable; NAME=VALUE words first set its environment)")
     args = ap.parse_args()
     raise_nofile()
     # A balancer holding N connections needs 2 N descriptors (plus HAProxy's pipes): stay below the limit.
@@ -899,6 +920,16 @@ def main():
     try:
         bins = build(tmp)
         targets, plain = make_targets(bins, args.quick)
+        if args.targets:
+            keep = {n.strip() for n in args.targets.split(",")}
+            unknown = keep - {t.name for t in targets}
+            if unknown:
+                sys.exit(f"compare.py: unknown --targets {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(t.name for t in targets)}")
+            targets = [t for t in targets if t.name in keep]
+        extra = [extra_target(spec) for spec in args.extra]
+        targets += extra
+        plain += [t.name for t in extra]
         header = machine_header(args, plain, sock_note)
         env = Env(tmp, procs, bins, args)
         for kind in ("nginx", "iperf3", "echo"):

@@ -210,13 +210,15 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
-    /// How bytes are moved: `pooled` (buffers borrowed only while data is in flight), `splice` (Linux
-    /// zero-copy through pooled pipes) or `plain` (Tokio's copy_bidirectional, the benchmark baseline;
-    /// it does not enforce the idle and half-close timeouts).
-    #[arg(long, value_enum, default_value_t = CopyModeArg::Pooled)]
+    /// How bytes are moved: `auto` (pooled, and splice for bulk transfers on Linux), `pooled` (buffers
+    /// borrowed only while data is in flight), `splice` (Linux zero-copy through pooled pipes) or `plain`
+    /// (Tokio's copy_bidirectional, the benchmark baseline; it does not enforce the idle and half-close
+    /// timeouts).
+    #[arg(long, value_enum, default_value_t = CopyModeArg::Auto)]
     pub copy_mode: CopyModeArg,
 
-    /// Buffer per direction while data is in flight, in the pooled mode (bytes; k and m suffixes).
+    /// Buffer per direction while data is in flight, in the auto and pooled modes (bytes; k and m
+    /// suffixes).
     #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
     pub buffer_size: usize,
 
@@ -234,6 +236,8 @@ pub struct BalancerArgs {
 /// `--copy-mode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CopyModeArg {
+    /// Pooled buffers; on Linux, splice(2) once a direction carries a bulk transfer.
+    Auto,
     /// Pooled buffers, held only while data is in flight.
     Pooled,
     /// Linux splice(2) through pooled pipes.
@@ -245,6 +249,7 @@ pub enum CopyModeArg {
 impl From<CopyModeArg> for CopyMode {
     fn from(m: CopyModeArg) -> Self {
         match m {
+            CopyModeArg::Auto => CopyMode::Auto,
             CopyModeArg::Pooled => CopyMode::Pooled,
             CopyModeArg::Splice => CopyMode::Splice,
             CopyModeArg::Plain => CopyMode::Plain,

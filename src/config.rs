@@ -129,9 +129,13 @@ impl BackendSpec {
 /// How bytes are moved between a client and its backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CopyMode {
-    /// ulb-tcp's own pumps: one per direction, buffers borrowed from a per-thread pool only while data is
-    /// in flight, idle and half-close timeouts enforced. The default.
+    /// `Pooled`, except that on Linux a direction whose read fills the whole buffer (a bulk transfer)
+    /// goes on with `splice(2)`, as in `Splice`. Small exchanges keep the pooled path, which answers them
+    /// with fewer system calls; bulk gets the zero-copy one. The default.
     #[default]
+    Auto,
+    /// ulb-tcp's own pumps: one per direction, buffers borrowed from a per-thread pool only while data is
+    /// in flight, idle and half-close timeouts enforced.
     Pooled,
     /// Linux only: `splice(2)` through a pipe borrowed from a per-thread pool while data is in flight, so
     /// bytes never enter user space. Same pumps, timeouts and accounting as `Pooled`.
@@ -146,11 +150,12 @@ impl std::str::FromStr for CopyMode {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "auto" => Ok(CopyMode::Auto),
             "pooled" => Ok(CopyMode::Pooled),
             "plain" => Ok(CopyMode::Plain),
             "splice" => Ok(CopyMode::Splice),
             _ => Err(ConfigError::Invalid(format!(
-                "unknown copy mode '{s}' (expected pooled, splice or plain)"
+                "unknown copy mode '{s}' (expected auto, pooled, splice or plain)"
             ))),
         }
     }
@@ -200,10 +205,10 @@ pub struct BalancerConfig {
     pub drain_timeout: Duration,
     /// Passive health checking.
     pub health: PassiveHealth,
-    /// Bytes of buffer per direction while data is in flight (default 64 KiB; `Pooled` mode). Idle
+    /// Bytes of buffer per direction while data is in flight (default 64 KiB; `Auto` and `Pooled`). Idle
     /// connections hold none: buffers are borrowed from a per-thread pool only while bytes move.
     pub buffer_size: usize,
-    /// How bytes are moved (default [`CopyMode::Pooled`]).
+    /// How bytes are moved (default [`CopyMode::Auto`]).
     pub copy_mode: CopyMode,
     /// Replay up to this many bytes of the client's data to another backend when the chosen one closes
     /// or resets the connection before sending a single byte back (default 0: off).
@@ -236,7 +241,7 @@ impl BalancerConfig {
             drain_timeout: Duration::from_secs(30),
             health: PassiveHealth::default(),
             buffer_size: 64 * 1024,
-            copy_mode: CopyMode::Pooled,
+            copy_mode: CopyMode::Auto,
             replay_limit: 0,
             seed: None,
         }

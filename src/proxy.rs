@@ -70,7 +70,7 @@ pub(crate) async fn serve_connection(
         }
     };
     let end = match shared.config.copy_mode {
-        CopyMode::Pooled | CopyMode::Splice => tokio::select! {
+        CopyMode::Auto | CopyMode::Pooled | CopyMode::Splice => tokio::select! {
             end = splice(&shared, &mut client, &mut backend, guard.backend(), &counts, client_ended) => end,
             () = shared.hard_stop.cancelled() => End::DrainDeadline,
         },
@@ -421,9 +421,8 @@ async fn splice(
         activity: &activity,
         buffer_size: cfg.buffer_size,
     };
-    let use_splice = cfg.copy_mode == CopyMode::Splice;
-    let up = up.run(use_splice);
-    let down = down.run(use_splice);
+    let up = up.run(cfg.copy_mode);
+    let down = down.run(cfg.copy_mode);
     tokio::pin!(up, down);
     // When the client's FIN was already passed on (during the replay phase), the up pump is never polled.
     let (mut up_done, mut down_done) = (client_ended, false);
@@ -477,14 +476,14 @@ impl Pump<'_> {
         }
     }
 
-    /// Copies until EOF (then passes the FIN on) or an error, through pipes (`splice`) or buffers.
-    async fn run(self, use_splice: bool) -> Result<(), End> {
+    /// Copies until EOF (then passes the FIN on) or an error, through pipes (`splice`) or buffers, or
+    /// (`Auto`) through buffers until a read fills one, then through pipes.
+    async fn run(self, mode: CopyMode) -> Result<(), End> {
         #[cfg(target_os = "linux")]
-        if use_splice {
+        if mode == CopyMode::Splice {
             return self.run_splice().await;
         }
-        let _ = use_splice;
-        self.run_buffered().await
+        self.run_buffered(mode == CopyMode::Auto).await
     }
 
     /// Passes the FIN on: the source has ended.
@@ -499,7 +498,7 @@ impl Pump<'_> {
     /// and readiness stays truthful.
     #[cfg(target_os = "linux")]
     async fn run_splice(self) -> Result<(), End> {
-        use crate::splice::{Pipe, CHUNK};
+        use crate::splice::Pipe;
         use std::os::fd::AsRawFd;
         use tokio::io::Interest;
 
@@ -512,7 +511,9 @@ impl Pump<'_> {
             from.readable().await.map_err(read_failed)?;
             let pipe = Pipe::take().map_err(read_failed)?;
             loop {
-                let filled = from.try_io(Interest::READABLE, || pipe.fill_from(from_fd, CHUNK));
+                let filled = from.try_io(Interest::READABLE, || {
+                    pipe.fill_from(from_fd, pipe.capacity())
+                });
                 let mut in_pipe = match filled {
                     Ok(0) => {
                         pipe.give_back();
@@ -556,7 +557,12 @@ impl Pump<'_> {
     /// The buffered pump: read into a pooled buffer, write it all out. Reads go through `poll_read`, which
     /// takes a short read as "drained" and clears readiness, so a burst costs no extra `read` that only
     /// returns `EAGAIN`.
-    async fn run_buffered(mut self) -> Result<(), End> {
+    ///
+    /// With `to_splice_on_bulk` (on Linux), a read that fills the whole buffer means a bulk transfer: once
+    /// it is written, this direction goes on with `splice`, which costs far less CPU per byte. Small
+    /// exchanges (requests, keep-alive answers) stay here, where one message costs one `read` and one
+    /// `write`; the splice path pays an extra `EAGAIN` call per message.
+    async fn run_buffered(mut self, to_splice_on_bulk: bool) -> Result<(), End> {
         // Counted locally and published once per burst (and when dropped, whatever the way out), so that
         // the shared counters see one atomic add per burst rather than one per write, and stay exact.
         let mut tally = Tally::new(self.carried, self.metric);
@@ -580,6 +586,11 @@ impl Pump<'_> {
                         let written = write_all(&mut self.to, &buf[..n], &mut tally).await;
                         written.map_err(|e| End::WriteFailed(self.to_side, e))?;
                         self.activity.touch();
+                        #[cfg(target_os = "linux")]
+                        if to_splice_on_bulk && n == buf.len() {
+                            drop((buf, tally));
+                            return self.run_splice().await;
+                        }
                         if tally.pending >= TALLY_FLUSH_BYTES {
                             tally.flush();
                         }

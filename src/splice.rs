@@ -9,13 +9,17 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// Bytes moved per `splice` call: the default pipe capacity (16 pages).
-pub(crate) const CHUNK: usize = 64 * 1024;
+/// The capacity asked for each pipe, and so the most bytes one `splice` call moves. Four times the
+/// default (64 KiB): a quarter of the system calls per byte, which brought the CPU cost per GB carried
+/// from 0.39 to 0.29 s (HAProxy's figure) on the benchmark machine. An empty pipe holds no data pages,
+/// so pooled pipes cost little memory whatever their capacity.
+const PIPE_SIZE: usize = 256 * 1024;
 
 /// A non-blocking pipe.
 pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    capacity: usize,
 }
 
 thread_local! {
@@ -39,7 +43,27 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Pipe { read, write })
+        // SAFETY: fcntl on a descriptor we own, with integer arguments. Growing the pipe can fail (past
+        // the per-user pipe limits): the pipe then keeps its default size, which F_GETPIPE_SZ reports.
+        let capacity = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            );
+            libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
+        };
+        let capacity = usize::try_from(capacity).unwrap_or(0).max(4096);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// How many bytes the pipe holds when full: the most one fill may move.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Gives an *empty* pipe back to this thread's pool.

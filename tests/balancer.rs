@@ -30,7 +30,8 @@ const fn path(mode: CopyMode) -> Path {
 /// Every data path must pass the integrity, half-close and reset tests unchanged. The replay path keeps
 /// 64 KiB, so the larger transfers also cross its commit point.
 #[cfg(target_os = "linux")]
-const MODES: [Path; 4] = [
+const MODES: [Path; 5] = [
+    path(CopyMode::Auto),
     path(CopyMode::Pooled),
     path(CopyMode::Splice),
     path(CopyMode::Plain),
@@ -561,6 +562,7 @@ async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_timeout_closes_both_sides() {
     // The plain path does not enforce idle timeouts (documented); the two pump paths must.
+    idle_timeout(path(CopyMode::Auto)).await;
     idle_timeout(path(CopyMode::Pooled)).await;
     #[cfg(target_os = "linux")]
     idle_timeout(path(CopyMode::Splice)).await;
