@@ -1,35 +1,44 @@
-//! A min-tree over the backends' loads: least connections in O(log n) for large tables.
+//! A min-tree over the backends' loads: least connections without scanning large tables.
 //!
-//! The tree is 8-ary and stored level by level in cache lines of eight `AtomicU64` keys, so a node's
-//! children are one line: a walk from the root to a leaf reads one line per level (five at 10,000
-//! backends), and an update reads one line per level on the way up.
+//! The tree is 8-ary and stored level by level in cache lines of eight `AtomicU64` nodes, so that a node's
+//! children are one line.
 //!
-//! * A leaf's key is its backend's load per unit of weight: `active × scale`, with `scale = M / weight` for
-//!   an `M` that every weight in the table divides (when that `M` is small enough; otherwise `scale` is
-//!   rounded and exact ties between different weights may be missed). The leaf is itself the counter: the
-//!   [`ActiveGuard`](crate::backend::ActiveGuard) adds `scale` when it is made and takes it off when dropped,
-//!   so the leaf never loses a count.
-//! * An internal node holds the least key among its children. After a leaf changes, the path to the root
-//!   is recomputed line by line, stopping as soon as a node already holds the right value.
+//! * A node's value packs a key, the load per unit of weight, above the number of a leaf that has it
+//!   (`key << LEAF_BITS | leaf`). A leaf's key is `active × scale`, with `scale = M / weight` for an `M`
+//!   that every weight of the table divides (when that `M` is at most 2^16; otherwise `scale` is rounded
+//!   and exact ties between different weights may be missed). The leaf is itself the counter: the
+//!   [`ActiveGuard`](crate::backend::ActiveGuard) adds one `scale` when it is made and takes it off when
+//!   dropped, so the leaf never loses a count.
+//! * An internal node holds a copy of one of its children with the least key, hence the least key of its
+//!   subtree and a leaf that has it. After a leaf changes, its ancestors are recomputed bottom-up, stopping
+//!   as soon as one is unchanged. A node keeps the child it holds as long as that child is still among the
+//!   least; when it is not, or when the leaf it names has just taken a connection, the node moves on to the
+//!   next least child after it, so that equal backends take turns as connections come and go.
+//! * A pick therefore reads one line, the root's children, whatever the size of the table: O(1). It takes
+//!   the least of them (spreading ties by a counter) and the leaf named in it, and checks that leaf's own
+//!   value. Updates are O(log n): a guard on the leaf a pick just returned rewrites its whole path.
+//! * A pick that must go around some leaves (backends this connection already tried) walks down from the
+//!   root on the keys instead, in O(log n).
 //! * Padding leaves past the last backend hold [`VACANT`], which no backend reaches.
-//! * A backend found unavailable when a walk lands on it gets the `DOWN` bit in its key, which sorts it
-//!   after every available backend. The bit is cleared by [`LoadTree::maintain`] once the backend's
-//!   back-off has run out or the operator re-enabled it.
+//! * A backend found unavailable when a pick lands on it gets the `DOWN` bit in its key, which sorts it
+//!   after every available backend. [`LoadTree::maintain`] clears the bit once the backend's back-off has
+//!   run out or the operator re-enabled it.
 //!
 //! The tree is as deep as it needs to be for eight children per node, and the root has only as many
 //! children as it needs, so at least half of the leaves hold a backend (at 10,000 backends: 12,288 leaves,
 //! 1,756 lines, 110 KiB). Backend `i` sits under root child `i mod k` (for `k` root children), at the
 //! bit-reversed position of `i / k` within it, so that every subtree at every level holds an even share
-//! of the backends; ties are then spread over the whole table (see [`LoadTree::walk`]).
+//! of the backends.
 //!
 //! # Approximation
 //!
 //! Nodes are updated with plain loads and stores, not compare-and-swap. Two updates racing through the same
 //! node can leave it holding a value that no longer matches its children, until the next update through
-//! that node. A walk that finds such a node on its path corrects it; besides, one pick in eight recomputes
-//! one internal node, sweeping the tree bottom-up, so that a stale node is corrected within one sweep even
-//! if its subtree sees no traffic (eight picks per internal node, and there are fewer than 1.2 n internal
-//! nodes: about 37,000 picks at 10,000 backends). Meanwhile a pick may land on a backend that is not the
+//! that node. A pick that finds the leaf it was given more loaded than its ancestors say recomputes that
+//! leaf's whole path and walks down instead; besides, one pick in eight recomputes one internal node,
+//! sweeping the tree bottom-up, so that any stale node is corrected within one sweep even if its subtree
+//! sees no traffic (eight picks per internal node, and there are fewer than 1.2 n internal nodes: about
+//! 14,000 picks per thread at 10,000 backends). Meanwhile a pick may land on a backend that is not the
 //! least loaded; it never lands on one that is unavailable or excluded, since the caller checks the
 //! backend it is given.
 
@@ -39,19 +48,25 @@ use std::sync::Arc;
 
 use crate::backend::{now_ms, Backend};
 
-/// Children per node: eight keys fill one 64-byte cache line.
+/// Children per node: eight nodes fill one 64-byte cache line.
 const FANOUT: usize = 8;
 const FANOUT_BITS: u32 = 3;
-/// Leaf positions are bit-reversed backend indices in a `u32`: at most ten levels (2^30 leaves).
-const MAX_DEPTH: u32 = 10;
-/// The key of a padding leaf (and of an excluded one, inside a walk). No backend's key reaches it.
+/// At most seven levels (2^21 leaves), so that a leaf number fits in [`LEAF_BITS`].
+const MAX_DEPTH: u32 = 7;
+/// The low bits of a node's value: the leaf it names.
+const LEAF_BITS: u32 = FANOUT_BITS * MAX_DEPTH;
+const LEAF_MASK: u64 = (1 << LEAF_BITS) - 1;
+/// The value of a padding leaf. Its key is above every backend's.
 pub(crate) const VACANT: u64 = u64::MAX;
 /// Set in the key of a backend known to be unavailable, on top of its load.
-const DOWN: u64 = 1 << 62;
+const DOWN: u64 = 1 << 63;
+/// Keys from here on are down or vacant.
+const DOWN_KEY: u64 = DOWN >> LEAF_BITS;
 /// Picks per node recomputed by the sweep.
 const SWEEP_EVERY: u64 = 8;
-/// The largest `M` in `scale = M / weight`; beyond it the scales are rounded.
-const MAX_SCALE_BASE: u64 = 1 << 24;
+/// The largest `M` in `scale = M / weight`; beyond it the scales are rounded. With 42 bits of key, a
+/// backend can hold 2^26 connections before its key would reach `DOWN`.
+const MAX_SCALE_BASE: u64 = 1 << 16;
 
 /// One node's children.
 #[repr(align(64))]
@@ -59,12 +74,39 @@ struct Line([AtomicU64; FANOUT]);
 
 impl Line {
     #[inline]
-    fn keys(&self) -> [u64; FANOUT] {
+    fn values(&self) -> [u64; FANOUT] {
         std::array::from_fn(|s| self.0[s].load(Relaxed))
     }
 }
 
-/// For each 8-bit mask of equal children and each value `r` of the three tie bits: the child taken, the
+/// The key of a node's value.
+#[inline]
+fn key(value: u64) -> u64 {
+    value >> LEAF_BITS
+}
+
+/// The keys of a line's values.
+#[inline]
+fn keys(values: &[u64; FANOUT]) -> [u64; FANOUT] {
+    values.map(key)
+}
+
+/// The least key of a line (pairwise, for a short dependency chain).
+#[inline]
+fn least(k: &[u64; FANOUT]) -> u64 {
+    let (a, b) = (k[0].min(k[1]), k[2].min(k[3]));
+    let (c, d) = (k[4].min(k[5]), k[6].min(k[7]));
+    a.min(b).min(c.min(d))
+}
+
+/// The children whose key is `least`, as a bit mask.
+#[inline]
+fn equal_to(k: &[u64; FANOUT], least: u64) -> usize {
+    let e = |s: usize| usize::from(k[s] == least) << s;
+    ((e(0) | e(1)) | (e(2) | e(3))) | ((e(4) | e(5)) | (e(6) | e(7)))
+}
+
+/// For each 8-bit mask of equal children and each value `r` of three tie bits: the child taken, the
 /// `⌊r × c / 8⌋`-th of the `c` equal ones.
 static CHOICE: [[u8; FANOUT]; 256] = {
     let mut t = [[0u8; FANOUT]; 256];
@@ -101,18 +143,18 @@ static TIE_BITS: [u8; 256] = {
     t
 };
 
-/// The least key of a line (pairwise, for a short dependency chain).
+/// The first of the children in `equal` (not empty) after `slot`, going round: `slot` itself only when it
+/// is the only one.
 #[inline]
-fn least(k: &[u64; FANOUT]) -> u64 {
-    let (a, b) = (k[0].min(k[1]), k[2].min(k[3]));
-    let (c, d) = (k[4].min(k[5]), k[6].min(k[7]));
-    a.min(b).min(c.min(d))
+fn next_after(equal: usize, slot: usize) -> usize {
+    let after = (equal | equal << FANOUT) >> (slot + 1);
+    (slot + 1 + after.trailing_zeros() as usize) % FANOUT
 }
 
 /// The min-tree of one table. See the module documentation.
 pub(crate) struct LoadTree {
     /// Level `d` runs from line `starts[d]` to line `starts[d + 1]`: level 1, the root's children, is one
-    /// line (only its first `roots` keys in use); below, each node of level `d - 1` has its children in
+    /// line (only its first `roots` nodes in use); below, each node of level `d - 1` has its children in
     /// line `starts[d] + its index`; level `depth` holds the leaves.
     lines: Box<[Line]>,
     starts: [usize; MAX_DEPTH as usize + 2],
@@ -144,31 +186,32 @@ impl fmt::Debug for LoadTree {
 pub(crate) struct TreeLink {
     tree: Arc<LoadTree>,
     leaf: u32,
-    scale: u64,
+    /// `scale << LEAF_BITS`: what one connection adds to the leaf's value.
+    unit: u64,
 }
 
 impl fmt::Debug for TreeLink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TreeLink")
             .field("leaf", &self.leaf)
-            .field("scale", &self.scale)
+            .field("scale", &(self.unit >> LEAF_BITS))
             .finish_non_exhaustive()
     }
 }
 
 impl TreeLink {
-    /// One more connection on the backend.
+    /// One more connection on the backend. The nodes that named its leaf move on to the next least child.
     #[inline]
     pub(crate) fn acquire(&self) {
-        self.tree.leaf_key(self.leaf).fetch_add(self.scale, Relaxed);
-        self.tree.propagate(self.leaf);
+        let value = self.tree.leaf(self.leaf).fetch_add(self.unit, Relaxed) + self.unit;
+        self.tree.propagate(self.leaf, value, Some(self.leaf));
     }
 
     /// One connection fewer; only after a matching [`TreeLink::acquire`].
     #[inline]
     pub(crate) fn release(&self) {
-        self.tree.leaf_key(self.leaf).fetch_sub(self.scale, Relaxed);
-        self.tree.propagate(self.leaf);
+        let value = self.tree.leaf(self.leaf).fetch_sub(self.unit, Relaxed) - self.unit;
+        self.tree.propagate(self.leaf, value, None);
     }
 
     /// This backend's leaf, when it belongs to `tree`.
@@ -199,7 +242,7 @@ impl Excluded {
         true
     }
 
-    fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
@@ -252,15 +295,15 @@ impl LoadTree {
         // Every backend starts idle in the tree: guards made before the link existed never touch it.
         for i in 0..n {
             let leaf = tree.leaf_of(i);
-            tree.leaf_key(leaf).store(0, Relaxed);
-            tree.propagate(leaf);
+            tree.leaf(leaf).store(u64::from(leaf), Relaxed);
+            tree.propagate(leaf, u64::from(leaf), None);
         }
         let scales = scales(backends);
         for (i, (b, scale)) in backends.iter().zip(scales).enumerate() {
             let link = TreeLink {
                 tree: tree.clone(),
                 leaf: tree.leaf_of(i),
-                scale,
+                unit: scale << LEAF_BITS,
             };
             if b.load_link.set(link).is_err() {
                 return None; // linked elsewhere meanwhile
@@ -269,9 +312,9 @@ impl LoadTree {
         Some(tree)
     }
 
-    /// The key of node `j` of level `d`.
+    /// Node `j` of level `d`.
     #[inline]
-    fn key(&self, d: u32, j: usize) -> &AtomicU64 {
+    fn node(&self, d: u32, j: usize) -> &AtomicU64 {
         &self.lines[self.starts[d as usize] + j / FANOUT].0[j % FANOUT]
     }
 
@@ -282,8 +325,8 @@ impl LoadTree {
     }
 
     #[inline]
-    fn leaf_key(&self, leaf: u32) -> &AtomicU64 {
-        self.key(self.depth, leaf as usize)
+    fn leaf(&self, leaf: u32) -> &AtomicU64 {
+        self.node(self.depth, leaf as usize)
     }
 
     /// Leaf bits below the root's children.
@@ -316,67 +359,114 @@ impl LoadTree {
         (leaf >> bits) + self.roots * self.reverse_sub(leaf & ((1 << bits) - 1))
     }
 
-    /// Recomputes the ancestors of `leaf`, from the bottom, until one already holds the right key.
+    /// The child, in line `j` of level `d`, on the way to the leaf that `value` names.
     #[inline]
-    fn propagate(&self, leaf: u32) {
+    fn slot(&self, d: u32, value: u64) -> usize {
+        ((value & LEAF_MASK) >> (FANOUT_BITS * (self.depth - d))) as usize % FANOUT
+    }
+
+    /// Recomputes node `j` of level `d - 1` from its children (line `j` of level `d`). The node keeps the
+    /// child it holds while that child is among the least, else takes the next least one after it; when it
+    /// names the leaf `used` (which just took a connection), it takes the next least child after it in any
+    /// case, so that equal subtrees take turns. Returns the node's new value, `None` when unchanged.
+    #[inline]
+    fn refresh(&self, d: u32, j: usize, used: Option<u32>) -> Option<u64> {
+        let values = self.children(d, j).values();
+        let k = keys(&values);
+        let equal = equal_to(&k, least(&k));
+        let node = self.node(d - 1, j);
+        let held = node.load(Relaxed);
+        let slot = self.slot(d, held);
+        let child = if equal & (1 << slot) != 0 && used != Some((held & LEAF_MASK) as u32) {
+            slot
+        } else {
+            next_after(equal, slot)
+        };
+        let value = values[child];
+        (value != held).then(|| {
+            node.store(value, Relaxed);
+            value
+        })
+    }
+
+    /// Recomputes the ancestors of `leaf`, now holding `value`, from the bottom until one is unchanged.
+    /// `used`: see [`LoadTree::refresh`].
+    ///
+    /// A parent that holds another child, with a key no greater than the changed child's, stays as it is:
+    /// that is checked on the parent alone before its line is read.
+    #[inline]
+    fn propagate(&self, leaf: u32, mut value: u64, used: Option<u32>) {
         let mut j = leaf as usize;
-        for d in (2..=self.depth).rev() {
-            let parent = j / FANOUT;
-            let least = least(&self.children(d, parent).keys());
-            let node = self.key(d - 1, parent);
-            if node.load(Relaxed) == least {
+        for d in (2..self.depth + 1).rev() {
+            let slot = j % FANOUT;
+            j /= FANOUT;
+            let held = self.node(d - 1, j).load(Relaxed);
+            if self.slot(d, held) != slot && key(value) >= key(held) {
                 return;
             }
-            node.store(least, Relaxed);
-            j = parent;
+            match self.refresh(d, j, used) {
+                Some(v) => value = v,
+                None => return,
+            }
         }
     }
 
-    /// Walks from the root to the least key, going around the `excluded` leaves, and returns its leaf.
+    /// Recomputes every ancestor of `leaf` from its children.
+    #[cold]
+    fn recompute_path(&self, leaf: u32) {
+        let mut j = leaf as usize;
+        for d in (2..self.depth + 1).rev() {
+            j /= FANOUT;
+            self.refresh(d, j, None);
+        }
+    }
+
+    /// The leaf of a least loaded backend, from the root's children: `None` when every backend is marked
+    /// down. Among equal children of the root, the top bits of `ties` choose (see [`LoadTree::walk`]).
+    ///
+    /// The leaf's own value is checked against the root's copy: if the leaf is more loaded than the root
+    /// says (a stale path), its path is recomputed and the pick walks down instead.
+    #[inline]
+    pub(crate) fn pick(&self, ties: u64) -> Option<u32> {
+        let values = self.children(1, 0).values();
+        let k = keys(&values);
+        let least = least(&k);
+        if least >= DOWN_KEY {
+            return None;
+        }
+        let equal = equal_to(&k, least);
+        let value = values[usize::from(CHOICE[equal][(ties >> (64 - FANOUT_BITS)) as usize])];
+        let leaf = (value & LEAF_MASK) as u32;
+        if key(self.leaf(leaf).load(Relaxed)) <= least {
+            return Some(leaf);
+        }
+        self.recompute_path(leaf);
+        self.walk(ties, &Excluded::default())
+    }
+
+    /// Walks down from the root on the keys to a least one, going around the `excluded` leaves: O(log n).
     /// `None` when every leaf left is vacant, excluded or marked down.
     ///
     /// Equal children are chosen between by the top bits of `ties`: among `c` of them, the top three bits
     /// `r` take the `⌊r × c / 8⌋`-th, and `⌈log2 c⌉` bits are used up (none when there is no choice). With
     /// `ties` = a bit-reversed pick counter (a van der Corput sequence), consecutive picks among equal
-    /// backends go to different subtrees: two equal backends alternate exactly, more share the picks
-    /// evenly when they are eight to a node or spread evenly across nodes, and roughly otherwise.
-    #[inline]
-    pub(crate) fn walk(&self, ties: u64, excluded: &Excluded) -> Option<u32> {
-        if excluded.is_empty() {
-            self.walk_by(ties, true, |d, j| self.children(d, j).keys())
-        } else {
-            self.walk_by(ties, false, |d, j| {
-                std::array::from_fn(|s| self.key_excluding(d, j * FANOUT + s, excluded))
-            })
-        }
-    }
-
-    /// The walk, reading the children of node `j` of level `d - 1` with `keys_of`; with `repair`, a node on
-    /// the way whose key differs from its children's least is put right.
-    #[inline(always)]
-    fn walk_by(
-        &self,
-        mut ties: u64,
-        repair: bool,
-        keys_of: impl Fn(u32, usize) -> [u64; FANOUT],
-    ) -> Option<u32> {
+    /// children go to different ones: two alternate exactly, more share the picks about evenly.
+    pub(crate) fn walk(&self, mut ties: u64, excluded: &Excluded) -> Option<u32> {
         let mut j = 0usize; // the node whose children are looked at, in level d - 1
-        let mut above = VACANT; // that node's key: the least of the line above
         for d in 1..self.depth + 1 {
-            let keys = keys_of(d, j);
-            let least = least(&keys);
-            if least >= DOWN {
+            let k: [u64; FANOUT] = if excluded.is_empty() {
+                keys(&self.children(d, j).values())
+            } else {
+                std::array::from_fn(|s| self.key_excluding(d, j * FANOUT + s, excluded))
+            };
+            let least = least(&k);
+            if least >= DOWN_KEY {
                 return None;
             }
-            if repair && d > 1 && least != above {
-                self.key(d - 1, j).store(least, Relaxed);
-            }
-            let e = |s: usize| usize::from(keys[s] == least) << s;
-            let equal = ((e(0) | e(1)) | (e(2) | e(3))) | ((e(4) | e(5)) | (e(6) | e(7)));
+            let equal = equal_to(&k, least);
             let child = CHOICE[equal][(ties >> (64 - FANOUT_BITS)) as usize];
             ties <<= TIE_BITS[equal];
             j = j * FANOUT + usize::from(child);
-            above = least;
         }
         Some(j as u32)
     }
@@ -385,21 +475,22 @@ impl LoadTree {
     fn key_excluding(&self, d: u32, j: usize, excluded: &Excluded) -> u64 {
         let span = 1u64 << (FANOUT_BITS * (self.depth - d));
         if !excluded.any_in(j as u64 * span, span) {
-            self.key(d, j).load(Relaxed)
+            key(self.node(d, j).load(Relaxed))
         } else if d == self.depth {
-            VACANT
+            key(VACANT)
         } else {
             (0..FANOUT)
                 .map(|s| self.key_excluding(d + 1, j * FANOUT + s, excluded))
-                .fold(VACANT, u64::min)
+                .fold(key(VACANT), u64::min)
         }
     }
 
     /// Marks the backend at `leaf` as unavailable until further notice (see [`LoadTree::maintain`]).
     pub(crate) fn mark_down(&self, leaf: u32, backend: &Backend) {
-        if self.leaf_key(leaf).fetch_or(DOWN, SeqCst) & DOWN == 0 {
+        let was = self.leaf(leaf).fetch_or(DOWN, SeqCst);
+        if was & DOWN == 0 {
             self.down.fetch_add(1, SeqCst);
-            self.propagate(leaf);
+            self.propagate(leaf, was | DOWN, None);
         }
         self.next_expiry
             .fetch_min(backend.available_again_at(), SeqCst);
@@ -410,25 +501,20 @@ impl LoadTree {
         self.recheck.store(true, SeqCst);
     }
 
-    /// Upkeep done by each pick, given the pick's sequence number: one pick in eight recomputes one internal
-    /// node (the sweep that bounds how long a stale node can last), and, when a backend marked down may be available
-    /// again, looks at all of them.
+    /// Upkeep done by each pick, given a counter of the picks (of this thread): one pick in eight
+    /// recomputes one internal node (the sweep that bounds how long a stale node can last), and, when a
+    /// backend marked down may be available again, looks at all of them.
     #[inline]
-    pub(crate) fn maintain(&self, seq: u64, backends: &[Arc<Backend>]) {
-        // The sweep, one pick in eight: the lines after the first (the root's children have no stored
-        // parent), last first.
+    pub(crate) fn maintain(&self, count: u64, backends: &[Arc<Backend>]) {
+        // The sweep: the lines after the first (the root's children have no stored parent), last first.
         let lines = self.lines.len();
-        if lines > 1 && seq % SWEEP_EVERY == 0 {
-            let line = lines - 1 - ((seq / SWEEP_EVERY) % (lines as u64 - 1)) as usize;
-            let d = (2..=self.depth)
+        if lines > 1 && count % SWEEP_EVERY == 0 {
+            let line = lines - 1 - ((count / SWEEP_EVERY) % (lines as u64 - 1)) as usize;
+            let d = (2..self.depth + 1)
                 .rev()
                 .find(|&d| self.starts[d as usize] <= line)
                 .unwrap_or(2);
-            let least = least(&self.lines[line].keys());
-            let node = self.key(d - 1, line - self.starts[d as usize]);
-            if node.load(Relaxed) != least {
-                node.store(least, Relaxed);
-            }
+            self.refresh(d, line - self.starts[d as usize], None);
         }
         if self.down.load(Relaxed) != 0 {
             let next = self.next_expiry.load(Relaxed);
@@ -450,14 +536,15 @@ impl LoadTree {
         self.next_expiry.store(u64::MAX, SeqCst);
         for (i, b) in backends.iter().enumerate() {
             let leaf = self.leaf_of(i);
-            let key = self.leaf_key(leaf);
-            if key.load(SeqCst) & DOWN == 0 {
+            let value = self.leaf(leaf);
+            if value.load(SeqCst) & DOWN == 0 {
                 continue;
             }
             if b.is_available() {
-                if key.fetch_and(!DOWN, SeqCst) & DOWN != 0 {
+                let was = value.fetch_and(!DOWN, SeqCst);
+                if was & DOWN != 0 {
                     self.down.fetch_sub(1, SeqCst);
-                    self.propagate(leaf);
+                    self.propagate(leaf, was & !DOWN, None);
                 }
             } else {
                 self.next_expiry.fetch_min(b.available_again_at(), SeqCst);
@@ -469,18 +556,18 @@ impl LoadTree {
     /// The least key of the whole tree, read from the root's children (for tests).
     #[cfg(test)]
     pub(crate) fn least_key(&self) -> u64 {
-        least(&self.children(1, 0).keys())
+        least(&keys(&self.children(1, 0).values()))
     }
 
     /// The key of backend `i`'s leaf (for tests).
     #[cfg(test)]
     pub(crate) fn backend_key(&self, i: usize) -> u64 {
-        self.leaf_key(self.leaf_of(i)).load(Relaxed)
+        key(self.leaf(self.leaf_of(i)).load(Relaxed))
     }
 }
 
 /// Per-backend scales: `M / weight` for the least `M` that all weights divide, when that `M` is at most
-/// 2^24 (so equal loads per weight give equal keys); otherwise `2^24 / weight`, rounded.
+/// 2^16 (so equal loads per weight give equal keys); otherwise `2^16 / weight`, rounded.
 fn scales(backends: &[Arc<Backend>]) -> Vec<u64> {
     let weights: Vec<u64> = backends
         .iter()
@@ -525,13 +612,18 @@ mod tests {
     }
 
     impl LoadTree {
-        /// Every internal node holds the least key of its children.
+        /// Every internal node holds a copy of one of its children with the least key.
         fn assert_consistent(&self) {
             for d in 2..=self.depth {
                 for j in 0..self.starts[d as usize + 1] - self.starts[d as usize] {
-                    let want = least(&self.children(d, j).keys());
-                    let got = self.key(d - 1, j).load(Relaxed);
-                    assert_eq!(got, want, "node {j} of level {} is stale", d - 1);
+                    let values = self.children(d, j).values();
+                    let least = least(&keys(&values));
+                    let got = self.node(d - 1, j).load(Relaxed);
+                    assert!(
+                        key(got) == least && values.contains(&got),
+                        "node {j} of level {} holds {got:#x}, its children {values:x?}",
+                        d - 1
+                    );
                 }
             }
         }
@@ -578,11 +670,11 @@ mod tests {
     fn exact_scales_for_small_weight_sets_and_rounded_ones_otherwise() {
         assert_eq!(scales(&backends([1, 2, 3])), vec![6, 3, 2]);
         assert_eq!(scales(&backends([4, 4])), vec![1, 1]);
-        // lcm(1..=256) is far beyond 2^24: rounded.
+        // lcm(1..=256) is far beyond 2^16: rounded.
         let s = scales(&backends(1..=256));
-        assert_eq!(s[0], 1 << 24);
-        assert_eq!(s[255], (1 << 24) / 256);
-        assert_eq!(s[2], ((1 << 24) + 1) / 3);
+        assert_eq!(s[0], 1 << 16);
+        assert_eq!(s[255], (1 << 16) / 256);
+        assert_eq!(s[2], ((1 << 16) + 1) / 3);
     }
 
     /// Random acquires and releases on one thread: after each, every node is consistent, the leaves hold
@@ -606,6 +698,13 @@ mod tests {
                     .min()
                     .unwrap();
                 assert_eq!(tree.least_key(), want, "n = {n}, step {step}");
+                let leaf = tree.pick(rng.next_u64()).unwrap();
+                let picked = tree.backend_of(leaf);
+                assert_eq!(
+                    bs[picked].active() as u64 * scale[picked],
+                    want,
+                    "n = {n}, step {step}: the pick names a least loaded backend"
+                );
                 if step % 100 == 0 {
                     tree.assert_consistent();
                     for i in 0..n {
@@ -618,6 +717,90 @@ mod tests {
             assert_eq!(tree.least_key(), 0, "n = {n}: all released");
             assert!((0..n).all(|i| tree.backend_key(i) == 0), "n = {n}");
         }
+    }
+
+    /// A node whose copy went stale (as two racing updates can leave it) is put right by the pick that is
+    /// led astray by it, or else by the sweep.
+    #[test]
+    fn stale_nodes_are_repaired() {
+        let bs = backends(std::iter::repeat(1).take(700));
+        let tree = LoadTree::attach(&bs).unwrap();
+        let _load: Vec<_> = (0..700)
+            .filter(|&i| i != 123)
+            .map(|i| ActiveGuard::new(bs[i].clone()))
+            .collect();
+        let idle = tree.leaf_of(123);
+        assert_eq!(tree.roots, 2);
+        assert_eq!(
+            idle >> tree.sub_bits(),
+            1,
+            "backend 123 is under the second root child"
+        );
+        // Stale low: the first root child claims key 0 for a leaf under it that has 1.
+        let busy = tree.leaf_of(124);
+        assert_eq!(busy >> tree.sub_bits(), 0);
+        let root = |c: usize| tree.node(1, c);
+        root(0).store(u64::from(busy), Relaxed);
+        for t in 0..16u64 {
+            let leaf = tree.pick(t << 60).unwrap();
+            assert_eq!(
+                tree.backend_of(leaf),
+                123,
+                "ties {t}: only backend 123 is idle"
+            );
+        }
+        tree.assert_consistent();
+
+        // Stale high: the root child over the idle leaf claims a load of one: a tie with the first, which
+        // the pick with tie bits 0 takes.
+        root(1).store((1u64 << LEAF_BITS) | u64::from(idle), Relaxed);
+        assert_ne!(tree.backend_of(tree.pick(0).unwrap()), 123);
+        let sweep = SWEEP_EVERY * (tree.lines.len() as u64 - 1);
+        (0..sweep).for_each(|count| tree.maintain(count, &bs));
+        tree.assert_consistent();
+        assert_eq!(tree.backend_of(tree.pick(0).unwrap()), 123);
+    }
+
+    /// Threads racing through acquires, releases and picks: the leaves keep exact counts, and after one
+    /// sweep every node is right again.
+    #[test]
+    fn concurrent_updates_leave_exact_leaves_and_a_sweep_repairs_the_rest() {
+        let bs = backends((0..300).map(|i| 1 + (i % 2) as u32));
+        let tree = LoadTree::attach(&bs).unwrap();
+        let held: Vec<_> = (0..150)
+            .map(|i| ActiveGuard::new(bs[i * 2].clone()))
+            .collect();
+        std::thread::scope(|s| {
+            for seed in 0..4u64 {
+                let (bs, tree) = (&bs, &tree);
+                s.spawn(move || {
+                    let rng = AtomicRng::new(seed);
+                    let mut mine = Vec::new();
+                    for _ in 0..20_000 {
+                        if let Some(leaf) = tree.pick(rng.next_u64()) {
+                            mine.push(ActiveGuard::new(bs[tree.backend_of(leaf)].clone()));
+                        }
+                        if !mine.is_empty() && (mine.len() > 20 || rng.below(2) == 0) {
+                            mine.swap_remove(rng.below(mine.len()));
+                        }
+                    }
+                });
+            }
+        });
+        let scale = scales(&bs);
+        for (i, b) in bs.iter().enumerate() {
+            assert_eq!(
+                tree.backend_key(i),
+                b.active() as u64 * scale[i],
+                "leaf {i}"
+            );
+        }
+        let sweep = SWEEP_EVERY * (tree.lines.len() as u64 - 1);
+        (0..sweep).for_each(|count| tree.maintain(count, &bs));
+        tree.assert_consistent();
+        drop(held);
+        tree.assert_consistent();
+        assert_eq!(tree.least_key(), 0);
     }
 
     #[test]

@@ -8,9 +8,10 @@
 //! * round robin is one `fetch_add` on a cursor and an index into the schedule: O(1), weighted and smooth;
 //! * random is one draw from a lock-free seedable generator and an index into the schedule: O(1) and weighted;
 //! * power of two choices is two such draws and a comparison of `active / weight`: O(1);
-//! * least connections finds the least `active / weight`: from 16 backends on, in a min-tree of the loads
-//!   that the connection guards keep up to date (`load_tree`), O(log n); below that by a scan, ties going
-//!   to the backend picked longest ago, so that idle backends share evenly.
+//! * least connections finds the least `active / weight`. From 16 backends on it reads the root of a
+//!   min-tree of the loads that the connection guards keep up to date (`load_tree`): O(1) per pick, O(log n)
+//!   per guard, equal backends taking turns as connections come and go. Below that it scans, O(n), ties
+//!   going to the backend picked longest ago.
 //!
 //! A backend that is down (passive health) or that this connection already tried is skipped: the pick walks
 //! on along the schedule from where it landed, so every strategy finds an available backend if there is one.
@@ -116,7 +117,7 @@ impl Table {
     }
 }
 
-/// From this many backends on, least connections walks a min-tree instead of scanning.
+/// From this many backends on, least connections uses a min-tree instead of scanning.
 const TREE_MIN_BACKENDS: usize = 16;
 
 /// Walks of the tree per pick before scanning: each walk that lands on an unavailable backend marks it.
@@ -268,12 +269,12 @@ impl Selector {
             }
             Strategy::PowerOfTwoChoices => self.pick_p2c(backends, schedule, ok),
             Strategy::LeastConnections => {
-                let seq = self.cursor.fetch_add(1, Relaxed) as u64 + 1;
                 let from_tree = table
                     .tree
                     .as_ref()
-                    .and_then(|tree| least_loaded_in_tree(tree, seq, backends, tried));
+                    .and_then(|tree| least_loaded_in_tree(tree, backends, tried));
                 from_tree.or_else(|| {
+                    let seq = self.cursor.fetch_add(1, Relaxed) as u64 + 1;
                     let best = least_loaded(backends, ok);
                     if let Some(b) = best {
                         b.last_pick.store(seq, Relaxed);
@@ -392,16 +393,17 @@ fn least_loaded(
     best
 }
 
-/// Least connections through the table's min-tree, O(log n). `None` sends the caller to the scan: when
-/// every backend left is marked down or tried (the scan has the last word on who is available), when a
-/// few walks in a row landed on backends that turned out to be unavailable, or when too many were tried.
+/// Least connections through the table's min-tree: O(1) (O(log n) around tried backends). `None` sends
+/// the caller to the scan: when every backend left is marked down or tried (the scan has the last word on
+/// who is available), when a few picks in a row landed on backends that turned out to be unavailable, or
+/// when too many were tried.
 fn least_loaded_in_tree<'t>(
     tree: &Arc<LoadTree>,
-    seq: u64,
     backends: &'t [Arc<Backend>],
     tried: &[Arc<Backend>],
 ) -> Option<&'t Arc<Backend>> {
-    tree.maintain(seq, backends);
+    let count = tree_picks();
+    tree.maintain(count, backends);
     let mut excluded = Excluded::default();
     for t in tried {
         if let Some(leaf) = t.load_link.get().and_then(|l| l.leaf_in(tree)) {
@@ -410,9 +412,13 @@ fn least_loaded_in_tree<'t>(
             }
         }
     }
-    let ties = seq.reverse_bits();
+    let ties = count.reverse_bits();
     for _ in 0..TREE_WALKS {
-        let leaf = tree.walk(ties, &excluded)?;
+        let leaf = if excluded.is_empty() {
+            tree.pick(ties)
+        } else {
+            tree.walk(ties, &excluded)
+        }?;
         let b = backends.get(tree.backend_of(leaf))?;
         if !b.is_available() {
             tree.mark_down(leaf, b);
@@ -422,6 +428,22 @@ fn least_loaded_in_tree<'t>(
         return usable(b, tried).then_some(b);
     }
     None
+}
+
+/// Counts this thread's least-connections picks through a tree, to spread ties and drive the sweep. Per
+/// thread, so that picks share no counter (they only read the tree); each thread starts at its own point.
+fn tree_picks() -> u64 {
+    static THREADS: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static PICKS: std::cell::Cell<u64> = std::cell::Cell::new(
+            THREADS.fetch_add(1, Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+    }
+    PICKS.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n
+    })
 }
 
 #[cfg(test)]
@@ -683,33 +705,44 @@ mod tests {
         assert!(hi - lo <= 1.0, "loads per weight spread from {lo} to {hi}");
     }
 
+    /// Short connections one after the other (picked, opened, closed) over equal backends: they take turns.
     #[test]
     fn least_connections_tree_spreads_ties() {
         let bs = backends(&[1; 100]);
         let sel = least_connections(&bs);
+        let short = |n: usize| -> Vec<usize> {
+            (0..n)
+                .map(|_| {
+                    let b = sel.pick(&[]).unwrap();
+                    drop(ActiveGuard::new(b.clone()));
+                    index_of(&bs, &b)
+                })
+                .collect()
+        };
         let mut counts = [0usize; 100];
-        for _ in 0..1000 {
-            counts[index_of(&bs, &sel.pick(&[]).unwrap())] += 1;
-        }
+        short(1000).into_iter().for_each(|i| counts[i] += 1);
         let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
         assert!(
-            *lo >= 5 && *hi <= 20,
-            "1000 picks over 100 idle backends: from {lo} to {hi} each"
+            *lo >= 8 && *hi <= 12,
+            "1000 short connections over 100 idle backends: from {lo} to {hi} each"
         );
 
-        // Two idle among busy ones alternate exactly.
-        let _busy: Vec<_> = (0..100)
-            .filter(|&i| i != 31 && i != 64)
-            .map(|i| ActiveGuard::new(bs[i].clone()))
-            .collect();
-        let picks: Vec<usize> = (0..10)
-            .map(|_| index_of(&bs, &sel.pick(&[]).unwrap()))
-            .collect();
-        assert!(picks.iter().all(|&i| i == 31 || i == 64), "{picks:?}");
-        assert!(
-            picks.windows(2).all(|w| w[0] != w[1]),
-            "{picks:?} must alternate"
-        );
+        // Two idle among busy ones alternate, whether under one root child or two.
+        for pair in [(31, 64), (31, 33)] {
+            let _busy: Vec<_> = (0..100)
+                .filter(|&i| i != pair.0 && i != pair.1)
+                .map(|i| ActiveGuard::new(bs[i].clone()))
+                .collect();
+            let picks = short(10);
+            assert!(
+                picks.iter().all(|&i| i == pair.0 || i == pair.1),
+                "{pair:?}: {picks:?}"
+            );
+            assert!(
+                picks.windows(2).all(|w| w[0] != w[1]),
+                "{pair:?}: {picks:?} must alternate"
+            );
+        }
     }
 
     #[test]
