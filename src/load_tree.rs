@@ -359,7 +359,7 @@ impl LoadTree {
         (leaf >> bits) + self.roots * self.reverse_sub(leaf & ((1 << bits) - 1))
     }
 
-    /// The child, in line `j` of level `d`, on the way to the leaf that `value` names.
+    /// The slot, within its line of level `d`, of the node on the way to the leaf that `value` names.
     #[inline]
     fn slot(&self, d: u32, value: u64) -> usize {
         ((value & LEAF_MASK) >> (FANOUT_BITS * (self.depth - d))) as usize % FANOUT
