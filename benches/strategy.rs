@@ -1,5 +1,6 @@
 //! Cost of one pick per strategy at 3, 100 and 10,000 backends, on one thread and contended from two, and
-//! the cost of the per-connection bookkeeping (active guard and counters).
+//! the cost of the per-connection bookkeeping (active guard and counters), also on least-connections
+//! tables, whose guards keep the min-tree up to date.
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,11 +84,29 @@ fn bookkeeping(c: &mut Criterion) {
     });
 }
 
+/// The same bookkeeping on a least-connections table, where the guard also keeps the backend's leaf in the
+/// min-tree up to date (from `TREE_MIN_BACKENDS` backends on; below that the table is scanned).
+fn bookkeeping_least_connections(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bookkeeping_lc");
+    for n in SIZES {
+        let picker = Picker::new(&weights(n), Strategy::LeastConnections);
+        let _load = picker.hold(n / 2);
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::new("guard+counters", n), &n, |b, _| {
+            b.iter(|| {
+                picker.bookkeeping(i);
+                i = i.wrapping_add(1);
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = single_thread, contended, bookkeeping
+    targets = single_thread, contended, bookkeeping, bookkeeping_least_connections
 }
 criterion_main!(benches);

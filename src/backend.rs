@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::PassiveHealth;
+use crate::load_tree::TreeLink;
 use crate::metrics::BackendMetrics;
 
 /// Milliseconds since a process-wide epoch, never 0 (0 means "not down" in [`Backend::down_until`]).
@@ -21,25 +22,33 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// A backend and its live counters.
+///
+/// `repr(C)`, hot fields first: a pick reads `active`, `down_until`, `weight` and `enabled`, and clones the
+/// `Arc`, whose counts sit just before them, so a pick touches one cache line of the backend, two at worst
+/// (instead of the three or four that the compiler's field order spread them over).
 #[derive(Debug)]
+#[repr(C)]
 pub struct Backend {
-    name: Arc<str>,
-    addr: SocketAddr,
-    weight: u32,
     active: AtomicUsize,
+    /// While `now_ms() < down_until` the backend is skipped by every strategy. 0 when up.
+    down_until: AtomicU64,
+    weight: u32,
+    /// Cleared by the operator or a supervisor (`BalancerHandle::set_backend_enabled`): the backend takes no
+    /// new connections, whatever its health; connections already open carry on.
+    enabled: AtomicBool,
+    /// The backend's leaf in the least-connections tree of its table, when the table has one: the
+    /// [`ActiveGuard`] keeps it up to date. Set once; a backend belongs to at most one tree.
+    pub(crate) load_link: OnceLock<TreeLink>,
+    /// Sequence number of the last least-connections pick of this backend (ties go to the oldest).
+    pub(crate) last_pick: AtomicU64,
     total: AtomicU64,
     connect_failures: AtomicU64,
     /// Consecutive failed connects; reset by a successful one.
     consecutive_failures: AtomicU32,
-    /// While `now_ms() < down_until` the backend is skipped by every strategy. 0 when up.
-    down_until: AtomicU64,
     /// How many times in a row it was marked down: the back-off doubles with each.
     downs_in_a_row: AtomicU32,
-    /// Cleared by the operator or a supervisor (`BalancerHandle::set_backend_enabled`): the backend takes no
-    /// new connections, whatever its health; connections already open carry on.
-    enabled: AtomicBool,
-    /// Sequence number of the last least-connections pick of this backend (ties go to the oldest).
-    pub(crate) last_pick: AtomicU64,
+    name: Arc<str>,
+    addr: SocketAddr,
     pub(crate) metrics: BackendMetrics,
 }
 
@@ -60,6 +69,7 @@ impl Backend {
             downs_in_a_row: AtomicU32::new(0),
             enabled: AtomicBool::new(true),
             last_pick: AtomicU64::new(0),
+            load_link: OnceLock::new(),
             metrics,
         }
     }
@@ -90,6 +100,16 @@ impl Backend {
     pub(crate) fn is_available(&self) -> bool {
         let until = self.down_until.load(Relaxed);
         (until == 0 || until <= now_ms()) && self.enabled.load(Relaxed)
+    }
+
+    /// When an unavailable backend may be available again (`now_ms` time): the end of its back-off, or
+    /// never (`u64::MAX`) while it is disabled, since only the operator brings it back.
+    pub(crate) fn available_again_at(&self) -> u64 {
+        if self.enabled.load(Relaxed) {
+            self.down_until.load(Relaxed)
+        } else {
+            u64::MAX
+        }
     }
 
     /// Takes the backend out of rotation (`false`) or puts it back (`true`). Returns the previous value.
@@ -206,13 +226,23 @@ pub struct BackendStats {
 #[derive(Debug)]
 pub(crate) struct ActiveGuard {
     backend: Arc<Backend>,
+    /// Whether the count was also added to the backend's least-connections leaf (a link made after the
+    /// guard must not be given back a count it never got).
+    in_tree: bool,
 }
 
 impl ActiveGuard {
     pub(crate) fn new(backend: Arc<Backend>) -> Self {
         backend.active.fetch_add(1, Relaxed);
         backend.metrics.active_up();
-        ActiveGuard { backend }
+        let in_tree = match backend.load_link.get() {
+            Some(link) => {
+                link.acquire();
+                true
+            }
+            None => false,
+        };
+        ActiveGuard { backend, in_tree }
     }
 
     /// Counts the connection in the backend's totals, once its connect has succeeded.
@@ -230,6 +260,11 @@ impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.backend.active.fetch_sub(1, Relaxed);
         self.backend.metrics.active_down();
+        if self.in_tree {
+            if let Some(link) = self.backend.load_link.get() {
+                link.release();
+            }
+        }
     }
 }
 

@@ -279,6 +279,7 @@ impl BalancerHandle {
             b.set_enabled(enabled);
             found = true;
         }
+        table.availability_changed();
         found
     }
 
