@@ -15,7 +15,7 @@
 //!   precomputed smooth weighted schedule; a pick is a few atomic loads and at most one `fetch_add`.
 //! * `backend`: one backend's atomics (active, totals, passive health) and the guard that holds an active
 //!   count for exactly as long as the connection lives.
-//! * `load_tree`: the min-tree of backend loads that least connections walks on large tables; the guards
+//! * `load_tree`: the min-tree of backend loads that least connections reads on large tables; the guards
 //!   keep it up to date.
 //! * `proxy`: the life of one connection: connect with retries on other backends, then two pumps (one per
 //!   direction) with half-close, idle and half-close timeouts, and resets passed on as resets.
