@@ -126,16 +126,27 @@ async fn weighted_round_robin_is_exact_and_smooth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_connections_sends_new_connections_to_the_least_loaded() {
-    let bs = tagged(3).await;
+    // 3 backends: the table is scanned; 20: the load tree answers.
+    for n in [3u8, 20] {
+        least_connections(n).await;
+    }
+}
+
+async fn least_connections(n: u8) {
+    let bs = tagged(n).await;
     let lb = Running::start(config(&addrs(&bs)).strategy(Strategy::LeastConnections)).await;
-    // Six held connections: idle backends share evenly, two each.
+    // Two held connections per backend: idle backends share evenly.
     let mut held: Vec<(u8, TcpStream)> = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..2 * usize::from(n) {
         held.push(lb.tag().await);
     }
-    let mut per = [0; 3];
+    let mut per = vec![0; usize::from(n)];
     held.iter().for_each(|(t, _)| per[*t as usize] += 1);
-    assert_eq!(per, [2, 2, 2], "ties must rotate");
+    assert_eq!(
+        per,
+        vec![2; usize::from(n)],
+        "{n} backends: ties must rotate"
+    );
 
     // Close both connections held on backend 1; once the balancer has seen them end, the next two
     // connections must go to backend 1.
@@ -147,19 +158,19 @@ async fn least_connections_sends_new_connections_to_the_least_loaded() {
     assert_eq!(
         (a, b),
         (1, 1),
-        "the least loaded backend must get the new connections"
+        "{n} backends: the least loaded backend must get the new connections"
     );
     held.push((a, sa));
     held.push((b, sb));
-    // Now all hold two again: the next three go one to each.
+    // Now all hold two again: the next n go one to each.
     let mut next: Vec<u8> = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..n {
         let (t, s) = lb.tag().await;
         next.push(t);
         held.push((t, s));
     }
     next.sort();
-    assert_eq!(next, [0, 1, 2]);
+    assert_eq!(next, (0..n).collect::<Vec<_>>(), "{n} backends");
     drop(held);
     lb.stop().await;
 }
