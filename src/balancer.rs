@@ -172,6 +172,41 @@ impl TcpBalancer {
         drop(listener);
         Ok(drain(&shared).await)
     }
+
+    /// Like [`serve`](Self::serve), on [`listeners.threads()`](crate::PerCoreListeners::threads) threads
+    /// that each run a current-thread Tokio runtime of their own and accept on a listener of their own;
+    /// the kernel spreads new connections over the listeners (`SO_REUSEPORT`), and a connection stays on the
+    /// thread that accepted it. Everything else is shared: strategy table, backends, metrics, the
+    /// connection limit, the [`BalancerHandle`].
+    ///
+    /// Call it from any Tokio runtime (a current-thread one is enough): it only waits for `shutdown`, then
+    /// runs the drain. Shutdown is the same as for [`serve`](Self::serve): every listener is closed at
+    /// once, connections in flight drain up to the drain timeout, the rest are closed, one
+    /// [`ShutdownReport`]. The threads have exited when it returns. If a thread fails (it cannot register
+    /// its listener, or it panics), the whole balancer shuts down the same way and an error is returned.
+    ///
+    /// ```no_run
+    /// use std::num::NonZeroUsize;
+    /// use ulb_tcp::{BackendConfig, BalancerConfig, PerCoreListeners, TcpBalancer};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let balancer = TcpBalancer::new(BalancerConfig::new([BackendConfig::new("127.0.0.1:8081".parse()?)]))?;
+    /// let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    /// let listeners = PerCoreListeners::bind("127.0.0.1:3000".parse()?, threads)?;
+    /// let report = balancer
+    ///     .serve_per_core(listeners, async { let _ = tokio::signal::ctrl_c().await; })
+    ///     .await?;
+    /// println!("{} connections were cut at the drain deadline", report.forced);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(target_os = "linux")]
+    pub async fn serve_per_core(
+        self,
+        listeners: crate::PerCoreListeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<ShutdownReport> {
+        crate::per_core::serve(self.shared, listeners, shutdown).await
+    }
 }
 
 /// The second half of every shutdown, once no listener accepts any more: waits for the connections in

@@ -65,6 +65,8 @@ mod balancer;
 pub mod cluster;
 pub mod config;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+mod per_core;
 pub mod pool;
 mod proxy;
 pub mod signal;
@@ -77,6 +79,8 @@ pub use balancer::{bind, BalancerHandle, ShutdownReport, TcpBalancer};
 pub use config::{
     BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
 };
+#[cfg(target_os = "linux")]
+pub use per_core::{PerCoreListeners, MAX_THREADS};
 pub use strategy::{Strategy, UnknownStrategy};
 
 #[doc(hidden)]
