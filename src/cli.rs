@@ -1,6 +1,7 @@
 //! Command-line flags (first layer) and their conversion into a validated `BalancerConfig` (second layer).
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use std::ffi::OsString;
@@ -213,9 +214,40 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
     pub buffer_size: usize,
 
+    /// How connections are spread over threads: `per-core` (each thread runs its own single-threaded
+    /// runtime and accepts on its own listener; the kernel spreads clients over the listeners with
+    /// SO_REUSEPORT; Linux only) or `work-stealing` (one Tokio runtime whose threads share the work).
+    #[arg(long, value_enum, default_value_t = RuntimeArg::WorkStealing)]
+    pub runtime: RuntimeArg,
+
+    /// Threads that carry connections, in either runtime. Default: the number of CPUs.
+    #[arg(long, value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<NonZeroUsize>,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// `--runtime` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeArg {
+    /// One current-thread runtime and one SO_REUSEPORT listener per thread.
+    PerCore,
+    /// One multi-threaded runtime whose threads steal tasks from each other.
+    WorkStealing,
+}
+
+/// The most `--threads` accepted.
+const MAX_THREADS: usize = 1024;
+
+/// Parses a thread count, 1 to 1024.
+pub fn parse_threads(s: &str) -> Result<NonZeroUsize, String> {
+    s.trim()
+        .parse::<NonZeroUsize>()
+        .ok()
+        .filter(|n| n.get() <= MAX_THREADS)
+        .ok_or_else(|| format!("'{s}' is not a thread count (1 to {MAX_THREADS})"))
 }
 
 /// `--copy-mode` values.
@@ -367,6 +399,16 @@ mod tests {
         assert_eq!(parse_size("64k"), Ok(65536));
         assert_eq!(parse_size("1M"), Ok(1 << 20));
         assert!(parse_size("lots").unwrap_err().contains("'lots'"));
+    }
+
+    #[test]
+    fn thread_counts() {
+        assert_eq!(parse_threads("2").map(NonZeroUsize::get), Ok(2));
+        assert_eq!(parse_threads("1024").map(NonZeroUsize::get), Ok(1024));
+        for bad in ["0", "1025", "-1", "two", ""] {
+            let e = parse_threads(bad).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")), "{bad:?}: {e}");
+        }
     }
 
     #[test]
