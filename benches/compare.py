@@ -11,9 +11,10 @@ Scenarios (each measured for every target, interleaved: for round: for scenario:
   S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
 
-Targets: direct (client straight to the backend), ulb-tcp (default data path), ulb-tcp pooled, splice and plain copy
-(only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), HAProxy 2.6 mode tcp in several variants (1/2 threads, splice
-on/off). Each balancer is started fresh for every single measurement and stopped after it.
+Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
+plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
+`--runtime` that is not the default, if the binary has the flag), one row per `--variant`, HAProxy 2.6 mode tcp in
+several variants (1/2 threads, splice on/off). `--skip` leaves targets out. Each balancer is started fresh for every single measurement and stopped after it.
 
 Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process started is stopped and
 waited for, and the temporary directory is removed, also on errors and Ctrl-C. A failed measurement is
@@ -433,34 +434,33 @@ backend be
 """
 
 
-def extra_target(spec):
-    """`LABEL=ARGS`: one more ulb-tcp row with these flags; `NAME=VALUE` words before the flags are set in
-    its environment."""
-    label, sep, rest = spec.partition("=")
-    if not sep or not label.strip():
-        sys.exit(f"compare.py: --extra wants LABEL=ARGS, not {spec!r}")
-    words = shlex.split(rest)
-    env = {}
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
-        k, _, v = words.pop(0).partition("=")
-        env[k] = v
-    return Target(f"ulb-tcp {label.strip()}", "ulb", f"ulb-tcp {label.strip()}", args=words, env=env)
-
-
-def make_targets(bins, quick):
+def make_targets(bins, quick, variants=(), skip=()):
     targets = [Target("direct", "direct", "direct"), Target("ulb-tcp", "ulb", "ulb-tcp")]
     r = subprocess.run([bins["ulb"], "--help"], capture_output=True, text=True)
-    # Extra ulb-tcp rows for the other data paths the binary offers.
+    # Extra ulb-tcp rows for the other data paths and runtimes the binary offers.
     plain = []
     for mode, label in (("pooled", "ulb-tcp pooled"), ("splice", "ulb-tcp splice"), ("plain", "ulb-tcp plain copy")):
         if "--copy-mode" in r.stdout and mode in r.stdout:
             targets.append(Target(label, "ulb", label, args=["--copy-mode", mode]))
             plain.append(label)
+    m = re.search(r"--runtime\b.*?\[default: ([\w-]+)\]", r.stdout, re.S)
+    for mode in ("per-core", "work-stealing") if m else ():
+        if mode != m.group(1):
+            label = f"ulb-tcp {mode}"
+            targets.append(Target(label, "ulb", label, args=["--runtime", mode]))
+            plain.append(label)
+    # --variant LABEL=FLAGS: more ulb-tcp rows, for trying flags side by side.
+    for v in variants:
+        label, _, flags = v.partition("=")
+        label = f"ulb-tcp {label.strip()}"
+        targets.append(Target(label, "ulb", label, args=shlex.split(flags)))
+        plain.append(label)
     variants = [(1, False), (2, True)] if quick else [(1, False), (1, True), (2, False), (2, True)]
     for threads, splice in variants:
         name = f"HAProxy {threads}t" + (" splice" if splice else "")
         targets.append(Target(name, "haproxy", "HAProxy", haproxy=(threads, splice)))
-    return targets, plain
+    kept = [t for t in targets if t.name in ("direct", "ulb-tcp") or not any(t.name == n for n in skip)]
+    return kept, [p for p in plain if any(t.name == p for t in kept)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -888,11 +888,12 @@ def main():
     ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
     ap.add_argument("--only", help="comma-separated scenario prefixes to run, e.g. S1,S4 (default all)")
-    ap.add_argument("--targets", help="comma-separated target names to keep, e.g. 'direct,ulb-tcp,HAProxy 1t splice' "
-                    "(default all; extra rows are always kept)")
-    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=ARGS",
-                    help="one more ulb-tcp row, named 'ulb-tcp LABEL', run with these flags, e.g. "
-                    "--extra 'big=--buffer-size 256k' (repeatable; NAME=VALUE words first set its environment)")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
+                    help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
+                         "'1 thread=--threads 1'; repeatable")
+    ap.add_argument("--skip", default="", metavar="NAMES",
+                    help="comma-separated target names to leave out, e.g. 'ulb-tcp splice,HAProxy 1t' "
+                         "(direct and ulb-tcp always run)")
     args = ap.parse_args()
     raise_nofile()
     # A balancer holding N connections needs 2 N descriptors (plus HAProxy's pipes): stay below the limit.
@@ -919,17 +920,8 @@ def main():
     signal.signal(signal.SIGTERM, on_term)
     try:
         bins = build(tmp)
-        targets, plain = make_targets(bins, args.quick)
-        if args.targets:
-            keep = {n.strip() for n in args.targets.split(",")}
-            unknown = keep - {t.name for t in targets}
-            if unknown:
-                sys.exit(f"compare.py: unknown --targets {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(t.name for t in targets)}")
-            targets = [t for t in targets if t.name in keep]
-        extra = [extra_target(spec) for spec in args.extra]
-        targets += extra
-        plain += [t.name for t in extra]
+        skip = [n.strip() for n in args.skip.split(",") if n.strip()]
+        targets, plain = make_targets(bins, args.quick, args.variant, skip)
         header = machine_header(args, plain, sock_note)
         env = Env(tmp, procs, bins, args)
         for kind in ("nginx", "iperf3", "echo"):

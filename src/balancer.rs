@@ -24,12 +24,14 @@ pub(crate) struct Shared {
     pub(crate) selector: Selector,
     pub(crate) metrics: GlobalMetrics,
     /// Fired to stop accepting and begin the drain.
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// Fired at the drain deadline: connections still open are closed.
     pub(crate) hard_stop: CancellationToken,
-    tracker: TaskTracker,
-    limit: Arc<Semaphore>,
-    local_addr: OnceLock<SocketAddr>,
+    /// Every connection task, on whichever runtime it runs.
+    pub(crate) tracker: TaskTracker,
+    /// The connection limit: a permit per connection carried.
+    pub(crate) limit: Arc<Semaphore>,
+    pub(crate) local_addr: OnceLock<SocketAddr>,
     last_no_backend_log: AtomicU64,
 }
 
@@ -168,28 +170,69 @@ impl TcpBalancer {
             () = shared.shutdown.cancelled() => {}
         }
         drop(listener);
-        shared.shutdown.cancel();
-        shared.tracker.close();
-
-        let in_flight = shared.tracker.len();
-        let drain = shared.config.drain_timeout;
-        tracing::info!(in_flight, drain_timeout = ?drain, "stopped accepting; draining connections");
-        let mut forced = 0;
-        if tokio::time::timeout(drain, shared.tracker.wait())
-            .await
-            .is_err()
-        {
-            forced = shared.tracker.len();
-            tracing::warn!(
-                forced,
-                "drain deadline passed; closing the connections still open"
-            );
-            shared.hard_stop.cancel();
-            shared.tracker.wait().await;
-        }
-        tracing::info!(in_flight, forced, "balancer stopped");
-        Ok(ShutdownReport { in_flight, forced })
+        Ok(drain(&shared).await)
     }
+
+    /// Like [`serve`](Self::serve), on [`listeners.threads()`](crate::PerCoreListeners::threads) threads
+    /// that each run a current-thread Tokio runtime of their own and accept on a listener of their own;
+    /// the kernel spreads new connections over the listeners (`SO_REUSEPORT`), and a connection stays on the
+    /// thread that accepted it. Everything else is shared: strategy table, backends, metrics, the
+    /// connection limit, the [`BalancerHandle`].
+    ///
+    /// Call it from any Tokio runtime (a current-thread one is enough): it only waits for `shutdown`, then
+    /// runs the drain. Shutdown is the same as for [`serve`](Self::serve): every listener is closed at
+    /// once, connections in flight drain up to the drain timeout, the rest are closed, one
+    /// [`ShutdownReport`]. The threads have exited when it returns. If a thread fails (it cannot register
+    /// its listener, or it panics), the whole balancer shuts down the same way and an error is returned.
+    ///
+    /// ```no_run
+    /// use std::num::NonZeroUsize;
+    /// use ulb_tcp::{BackendConfig, BalancerConfig, PerCoreListeners, TcpBalancer};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let balancer = TcpBalancer::new(BalancerConfig::new([BackendConfig::new("127.0.0.1:8081".parse()?)]))?;
+    /// let threads = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    /// let listeners = PerCoreListeners::bind("127.0.0.1:3000".parse()?, threads)?;
+    /// let report = balancer
+    ///     .serve_per_core(listeners, async { let _ = tokio::signal::ctrl_c().await; })
+    ///     .await?;
+    /// println!("{} connections were cut at the drain deadline", report.forced);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(target_os = "linux")]
+    pub async fn serve_per_core(
+        self,
+        listeners: crate::PerCoreListeners,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<ShutdownReport> {
+        crate::per_core::serve(self.shared, listeners, shutdown).await
+    }
+}
+
+/// The second half of every shutdown, once no listener accepts any more: waits for the connections in
+/// flight up to the drain timeout, closes what is left, and says what it did.
+pub(crate) async fn drain(shared: &Shared) -> ShutdownReport {
+    shared.shutdown.cancel();
+    shared.tracker.close();
+
+    let in_flight = shared.tracker.len();
+    let drain = shared.config.drain_timeout;
+    tracing::info!(in_flight, drain_timeout = ?drain, "stopped accepting; draining connections");
+    let mut forced = 0;
+    if tokio::time::timeout(drain, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        forced = shared.tracker.len();
+        tracing::warn!(
+            forced,
+            "drain deadline passed; closing the connections still open"
+        );
+        shared.hard_stop.cancel();
+        shared.tracker.wait().await;
+    }
+    tracing::info!(in_flight, forced, "balancer stopped");
+    ShutdownReport { in_flight, forced }
 }
 
 /// Never returns: shutdown is handled by the caller's `select!`, which drops this future.
@@ -212,20 +255,31 @@ async fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
                 ));
             }
             Err(e) => {
-                shared.metrics.accept_errors.increment(1);
-                if is_per_connection(&e) {
-                    tracing::debug!(error = %e, "accept failed for one connection");
-                    continue;
+                if let Some(pause) = accept_failed(shared, &e, &mut backoff) {
+                    drop(permit);
+                    tokio::time::sleep(pause).await;
                 }
-                // EMFILE, ENFILE, ENOBUFS, ENOMEM: resources run out. Pause so that connections in flight
-                // can finish and free them; never spin, never exit.
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
-                drop(permit);
-                tokio::time::sleep(backoff).await;
             }
         }
     }
+}
+
+/// Counts and logs a failed `accept()`. Returns how long to pause when resources ran out (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM), so that connections in flight can finish and free them; `None` when the error
+/// concerned only the connection being accepted. Never spin, never exit.
+pub(crate) fn accept_failed(
+    shared: &Shared,
+    e: &io::Error,
+    backoff: &mut Duration,
+) -> Option<Duration> {
+    shared.metrics.accept_errors.increment(1);
+    if is_per_connection(e) {
+        tracing::debug!(error = %e, "accept failed for one connection");
+        return None;
+    }
+    *backoff = (*backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    tracing::warn!(error = %e, pause_ms = backoff.as_millis() as u64, "accept failed; pausing");
+    Some(*backoff)
 }
 
 /// Errors that concern only the connection being accepted, not the listener.

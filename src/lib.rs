@@ -68,6 +68,8 @@ pub mod cluster;
 pub mod config;
 mod load_tree;
 pub mod metrics;
+#[cfg(target_os = "linux")]
+mod per_core;
 pub mod pool;
 mod proxy;
 pub mod signal;
@@ -80,6 +82,8 @@ pub use balancer::{bind, BalancerHandle, ShutdownReport, TcpBalancer};
 pub use config::{
     BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
 };
+#[cfg(target_os = "linux")]
+pub use per_core::{PerCoreListeners, MAX_THREADS};
 pub use strategy::{Strategy, UnknownStrategy};
 
 #[doc(hidden)]

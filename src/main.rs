@@ -1,14 +1,18 @@
 //! The `ulb-tcp` command: parses flags, sets up logging and metrics, binds, and hands over to the library.
 
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
+use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
-use ulb_tcp::TcpBalancer;
+use ulb_tcp::{ShutdownReport, TcpBalancer};
 
 mod cli;
 
-use cli::{BalancerArgs, Cli, ClusterArgs, LogFormat};
+use cli::{BalancerArgs, Cli, ClusterArgs, LogFormat, RuntimeArg};
 
 /// Bad flags or values.
 const EXIT_USAGE: u8 = 2;
@@ -39,16 +43,30 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let fd_limit = raise_fd_limit();
 
-    let runtime = match runtime() {
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
+    let mut builder = match cli.runtime {
+        // Per-core: this runtime only waits for signals, resolves names, serves /metrics and runs the
+        // drain; the serving threads run runtimes of their own.
+        RuntimeArg::PerCore => Builder::new_current_thread(),
+        RuntimeArg::WorkStealing => {
+            let mut b = Builder::new_multi_thread();
+            b.worker_threads(threads.get());
+            b
+        }
+    };
+    let runtime = match runtime(&mut builder) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    runtime.block_on(run(cli, fd_limit))
+    runtime.block_on(run(cli, threads, fd_limit))
 }
 
-async fn run(cli: BalancerArgs, fd_limit: Option<u64>) -> ExitCode {
+async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) -> ExitCode {
     let listen = cli.listen;
     let metrics = cli.metrics;
+    let mode = cli.runtime;
     let config = match cli.into_config(fd_limit).await {
         Ok(c) => c,
         Err(e) => {
@@ -75,7 +93,7 @@ async fn run(cli: BalancerArgs, fd_limit: Option<u64>) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let listener = match ulb_tcp::bind(listen) {
+    let listeners = match Listeners::bind(listen, mode, threads) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("ulb-tcp: cannot listen on {listen}: {e}");
@@ -92,14 +110,50 @@ async fn run(cli: BalancerArgs, fd_limit: Option<u64>) -> ExitCode {
         idle_timeout = ?c.idle_timeout,
         drain_timeout = ?c.drain_timeout,
         max_connections = c.max_connections,
+        runtime = ?mode,
+        threads,
         "ulb-tcp {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    match balancer.serve(listener, shutdown_signal()).await {
+    match listeners.serve(balancer).await {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ulb-tcp: {e}");
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// The bound listening socket(s), for the runtime chosen.
+enum Listeners {
+    /// One listener, served by the work-stealing runtime.
+    One(tokio::net::TcpListener),
+    /// One SO_REUSEPORT listener per serving thread.
+    #[cfg(target_os = "linux")]
+    PerCore(ulb_tcp::PerCoreListeners),
+}
+
+impl Listeners {
+    fn bind(listen: SocketAddr, mode: RuntimeArg, threads: NonZeroUsize) -> io::Result<Self> {
+        match mode {
+            RuntimeArg::WorkStealing => ulb_tcp::bind(listen).map(Listeners::One),
+            #[cfg(target_os = "linux")]
+            RuntimeArg::PerCore => {
+                ulb_tcp::PerCoreListeners::bind(listen, threads).map(Listeners::PerCore)
+            }
+            #[cfg(not(target_os = "linux"))]
+            RuntimeArg::PerCore => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("--runtime per-core needs Linux ({threads} threads asked)"),
+            )),
+        }
+    }
+
+    async fn serve(self, balancer: TcpBalancer) -> io::Result<ShutdownReport> {
+        match self {
+            Listeners::One(l) => balancer.serve(l, shutdown_signal()).await,
+            #[cfg(target_os = "linux")]
+            Listeners::PerCore(l) => balancer.serve_per_core(l, shutdown_signal()).await,
         }
     }
 }
@@ -117,7 +171,7 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
     }
     init_logging(log_format);
     raise_fd_limit();
-    let runtime = match runtime() {
+    let runtime = match runtime(&mut Builder::new_multi_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -161,15 +215,12 @@ async fn shutdown_signal() {
     });
 }
 
-/// The multi-threaded runtime, or the exit code after saying why it cannot start.
-fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| {
-            eprintln!("ulb-tcp: cannot start the runtime: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        })
+/// The runtime `builder` describes, or the exit code after saying why it cannot start.
+fn runtime(builder: &mut Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("ulb-tcp: cannot start the runtime: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })
 }
 
 fn init_logging(format: LogFormat) {

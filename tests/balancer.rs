@@ -946,3 +946,163 @@ async fn a_backend_silent_before_answering_is_cut_at_the_idle_timeout() {
     );
     lb.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-core runtimes (one current-thread runtime and one SO_REUSEPORT listener per thread)
+
+/// The kernel picks a client's listener by a hash of its addresses and ports, so with 4 listeners and 200
+/// clients every listener gets clients (a listener left out has probability 4 · (3/4)^200 ≈ 1e-25). A
+/// thread that did not serve its listener would leave its quarter of the clients hanging, and this test
+/// would time out naming them.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_threads_all_carry_clients_byte_exact() {
+    for mode in MODES {
+        let backend = Backend::echo().await;
+        let lb = Running::start_per_core(config(&[backend.addr]).on(mode), 4).await;
+        assert_eq!(
+            common::listening_sockets(lb.addr.port()),
+            4,
+            "one listener per thread"
+        );
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let addr = lb.addr;
+            tasks.spawn(async move {
+                let data = Arc::new(pattern(5000 + i, 20_000 + i as usize * 331));
+                let got = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    echo_roundtrip(addr, data.clone()),
+                )
+                .await;
+                (i, got.map(|r| r.map(|got| got == *data)))
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let (i, got) = r.unwrap();
+            let same = got
+                .unwrap_or_else(|_| panic!("{mode:?}: client {i} was never served"))
+                .unwrap_or_else(|e| panic!("{mode:?}: client {i}: {e}"));
+            assert!(same, "{mode:?}: client {i} got bytes that are not its own");
+        }
+        lb.wait_for("connections to close", |s| s[0].active == 0)
+            .await;
+        assert_eq!(lb.handle.backends()[0].total, 200, "{mode:?}");
+        assert_eq!(lb.stop().await.forced, 0, "{mode:?}");
+    }
+}
+
+/// With 4 threads and a limit of 2, a thread must not hold a permit while its own backlog is empty: both
+/// first clients are served wherever the kernel queued them, the third waits, and is served when one
+/// leaves.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_threads_share_one_connection_limit() {
+    let backend = Backend::tagged(0).await;
+    let lb = Running::start_per_core(config(&[backend.addr]).max_connections(2), 4).await;
+    let mut open = Vec::new();
+    for n in 1..=2 {
+        let tagged = tokio::time::timeout(Duration::from_secs(5), lb.tag()).await;
+        let (_, s) = tagged.unwrap_or_else(|_| panic!("client {n} was not served under the limit"));
+        open.push(s);
+    }
+    let mut c = TcpStream::connect(lb.addr).await.unwrap();
+    let mut tag = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), c.read_exact(&mut tag)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served over the limit"
+    );
+    assert_eq!(lb.handle.active_connections(), 2);
+    open.pop();
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut tag))
+        .await
+        .expect("the waiting client was never served")
+        .unwrap();
+    assert_eq!(backend.accepted(), 3);
+    drop((open, c));
+    assert_eq!(lb.stop().await.forced, 0);
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_shutdown_closes_every_listener_and_lets_transfers_finish() {
+    let backend = Backend::echo().await;
+    let lb = Running::start_per_core(config(&[backend.addr]), 3).await;
+    let addr = lb.addr;
+    let data = Arc::new(pattern(12, 8 << 20));
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(64 * 1024) {
+            w.write_all(chunk).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = vec![0u8; 1 << 20];
+    r.read_exact(&mut got).await.unwrap();
+    lb.handle.shutdown();
+    // A connect is refused only once no listener of the group is left.
+    wait_until("connects refused", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    assert_eq!(common::listening_sockets(addr.port()), 0);
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == *data, "the in-flight transfer was corrupted");
+    let report = lb.stop().await;
+    assert!(report.in_flight >= 1, "{report:?}");
+    assert_eq!(report.forced, 0);
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_drain_deadline_cuts_connections_on_every_thread() {
+    let backend = Backend::tagged(0).await;
+    let cfg = config(&[backend.addr]).drain_timeout(Duration::from_millis(300));
+    let lb = Running::start_per_core(cfg, 2).await;
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(lb.tag().await.1);
+    }
+    let report = lb.stop().await;
+    assert_eq!(
+        report,
+        ulb_tcp::ShutdownReport {
+            in_flight: 20,
+            forced: 20
+        }
+    );
+    for mut s in held {
+        let r = s.read_to_end(&mut Vec::new()).await;
+        assert_eq!(
+            r.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn per_core_listeners_refuse_an_address_in_use() {
+    use std::num::NonZeroUsize;
+    use ulb_tcp::PerCoreListeners;
+    let two = NonZeroUsize::new(2).unwrap();
+    let first = PerCoreListeners::bind("127.0.0.1:0".parse().unwrap(), two).unwrap();
+    let addr = first.local_addr();
+    assert_ne!(addr.port(), 0);
+    assert_eq!(first.threads(), 2);
+    // Another SO_REUSEPORT group on the same address would silently take a share of the clients.
+    let again = PerCoreListeners::bind(addr, two).unwrap_err();
+    assert_eq!(again.kind(), std::io::ErrorKind::AddrInUse, "{again}");
+    let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = PerCoreListeners::bind(plain.local_addr().unwrap(), two).unwrap_err();
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse, "{taken}");
+    let too_many = NonZeroUsize::new(ulb_tcp::MAX_THREADS + 1).unwrap();
+    let e = PerCoreListeners::bind("127.0.0.1:0".parse().unwrap(), too_many).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
+}

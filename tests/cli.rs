@@ -184,6 +184,17 @@ fn bad_input_gets_one_line_and_exit_code_two() {
         2,
         "'lots'",
     );
+    assert_one_line_error(&["--backends", "127.0.0.1:1", "--threads", "0"], 2, "'0'");
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--threads", "5000"],
+        2,
+        "'5000'",
+    );
+    assert_one_line_error(
+        &["--backends", "127.0.0.1:1", "--runtime", "fastest"],
+        2,
+        "fastest",
+    );
 }
 
 #[test]
@@ -191,6 +202,19 @@ fn listen_address_in_use_or_not_permitted_exits_one() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     assert_one_line_error(&["--backends", "127.0.0.1:1", "--listen", &addr], 1, &addr);
+    #[cfg(target_os = "linux")]
+    assert_one_line_error(
+        &[
+            "--backends",
+            "127.0.0.1:1",
+            "--listen",
+            &addr,
+            "--runtime",
+            "per-core",
+        ],
+        1,
+        &addr,
+    );
     // An address this host does not have (TEST-NET-1): bind fails locally, nothing is sent.
     assert_one_line_error(
         &["--backends", "127.0.0.1:1", "--listen", "192.0.2.1:80"],
@@ -237,6 +261,10 @@ fn help_explains_every_flag() {
         "--log-format",
         "--metrics",
         "--replay-limit",
+        "--runtime",
+        "per-core",
+        "work-stealing",
+        "--threads",
         "Examples:",
         "@",
     ] {
@@ -265,9 +293,21 @@ async fn host_names_resolve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_refuses_new_connects_and_drains_a_20_mib_transfer() {
+    sigterm_drains(&["--runtime", "work-stealing"]).await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_per_core_runtimes_too() {
+    sigterm_drains(&["--runtime", "per-core", "--threads", "3"]).await;
+}
+
+async fn sigterm_drains(runtime: &[&str]) {
     let backend = Backend::echo().await;
     let target = backend.addr.to_string();
-    let (mut lb, addr) = start(&["--backends", &target, "--drain-timeout", "30s"]).await;
+    let mut args = vec!["--backends", &target, "--drain-timeout", "30s"];
+    args.extend(runtime);
+    let (mut lb, addr) = start(&args).await;
 
     let data = Arc::new(pattern(20, 20 << 20));
     let s = TcpStream::connect(addr).await.unwrap();
@@ -291,8 +331,11 @@ async fn sigterm_refuses_new_connects_and_drains_a_20_mib_transfer() {
     .await;
     r.read_to_end(&mut got).await.unwrap();
     writer.await.unwrap();
-    assert_eq!(got.len(), data.len());
-    assert!(got == *data, "the 20 MiB transfer was not byte-exact");
+    assert_eq!(got.len(), data.len(), "{runtime:?}");
+    assert!(
+        got == *data,
+        "{runtime:?}: the 20 MiB transfer was not byte-exact"
+    );
 
     let status = lb
         .wait_for(Duration::from_secs(10))

@@ -114,6 +114,19 @@ impl Running {
         Running { addr, handle, task }
     }
 
+    /// The same on `threads` per-core runtimes, each with its own SO_REUSEPORT listener.
+    #[cfg(target_os = "linux")]
+    pub async fn start_per_core(config: BalancerConfig, threads: usize) -> Running {
+        let balancer = TcpBalancer::new(config).unwrap();
+        let handle = balancer.handle();
+        let threads = std::num::NonZeroUsize::new(threads).unwrap();
+        let listeners =
+            ulb_tcp::PerCoreListeners::bind("127.0.0.1:0".parse().unwrap(), threads).unwrap();
+        let addr = listeners.local_addr();
+        let task = tokio::spawn(balancer.serve_per_core(listeners, std::future::pending()));
+        Running { addr, handle, task }
+    }
+
     pub async fn stop(self) -> ShutdownReport {
         self.handle.shutdown();
         tokio::time::timeout(Duration::from_secs(40), self.task)
@@ -148,6 +161,21 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// How many sockets listen on 127.0.0.1:`port` (from /proc/net/tcp: the kernel's view, no connection made).
+#[cfg(target_os = "linux")]
+pub fn listening_sockets(port: u16) -> usize {
+    let want = format!("0100007F:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1) == Some(&want.as_str()) && fields.get(3) == Some(&"0A")
+        })
+        .count()
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*).
