@@ -155,6 +155,8 @@ impl TcpBalancer {
         let shared = self.shared;
         let addr = listener.local_addr()?;
         let _ = shared.local_addr.set(addr);
+        #[cfg(unix)]
+        set_listener_nodelay(&listener);
         tracing::info!(
             listen = %addr,
             strategy = %shared.selector.strategy(),
@@ -365,6 +367,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Sets `TCP_NODELAY` on a listening socket: on Linux every socket it accepts inherits it, so connections
+/// need no `setsockopt` of their own. Best effort; elsewhere each connection sets it.
+#[cfg(unix)]
+fn set_listener_nodelay(listener: &impl std::os::fd::AsFd) {
+    if let Err(e) = socket2::SockRef::from(listener).set_tcp_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY on the listener");
+    }
 }

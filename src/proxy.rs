@@ -42,7 +42,10 @@ pub(crate) async fn serve_connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
-    // Best effort: a client that already left makes this fail, and the first read will say so.
+    // On Linux the accepted socket inherits TCP_NODELAY from the listener (set once by `serve`), which
+    // saves a system call per connection. Elsewhere, best effort: a client that already left makes this
+    // fail, and the first read will say so.
+    #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
 
     let mut tried = Vec::new();
@@ -60,7 +63,17 @@ pub(crate) async fn serve_connection(
     let (mut backend, guard, client_ended) = if shared.config.replay_limit == 0 {
         (backend, guard, false)
     } else {
-        match until_answered(&shared, peer, &mut client, backend, guard, tried, &counts).await {
+        // Boxed: kept inline, its state would enlarge every connection's task, replay or not.
+        let answered = Box::pin(until_answered(
+            &shared,
+            peer,
+            &mut client,
+            backend,
+            guard,
+            tried,
+            &counts,
+        ));
+        match answered.await {
             Ok(answered) => answered,
             Err(end) => {
                 abort(&client);

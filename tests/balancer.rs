@@ -1106,3 +1106,16 @@ fn per_core_listeners_refuse_an_address_in_use() {
     let e = PerCoreListeners::bind("127.0.0.1:0".parse().unwrap(), too_many).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{e}");
 }
+
+/// The data path counts on it: on Linux an accepted socket inherits TCP_NODELAY from the listener, so the
+/// balancer sets it once on the listener instead of once per connection.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+    let listener = ulb_tcp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let _client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    assert!(accepted.nodelay().unwrap());
+}
