@@ -246,23 +246,33 @@ async fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
         let Ok(permit) = shared.limit.clone().acquire_owned().await else {
             return; // the semaphore is never closed
         };
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                backoff = Duration::ZERO;
-                shared.tracker.spawn(crate::proxy::serve_connection(
-                    shared.clone(),
-                    stream,
-                    peer,
-                    permit,
-                ));
-            }
-            Err(e) => {
-                if let Some(pause) = accept_failed(shared, &e, &mut backoff) {
-                    drop(permit);
-                    tokio::time::sleep(pause).await;
-                }
-            }
+        let accepted = listener.accept().await;
+        if let Some(pause) = on_accept(shared, accepted, permit, &mut backoff) {
+            tokio::time::sleep(pause).await;
         }
+    }
+}
+
+/// Spawns the connection a successful `accept()` returned, under `permit`; after a failed one, gives the
+/// permit back and says how long to pause, if at all (see [`accept_failed`]).
+pub(crate) fn on_accept(
+    shared: &Arc<Shared>,
+    accepted: io::Result<(tokio::net::TcpStream, SocketAddr)>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    backoff: &mut Duration,
+) -> Option<Duration> {
+    match accepted {
+        Ok((stream, peer)) => {
+            *backoff = Duration::ZERO;
+            shared.tracker.spawn(crate::proxy::serve_connection(
+                shared.clone(),
+                stream,
+                peer,
+                permit,
+            ));
+            None
+        }
+        Err(e) => accept_failed(shared, &e, backoff),
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
-use crate::balancer::{accept_failed, drain, Shared, ShutdownReport};
+use crate::balancer::{drain, on_accept, Shared, ShutdownReport};
 
 /// The most threads [`PerCoreListeners::bind`] accepts.
 pub const MAX_THREADS: usize = 1024;
@@ -315,22 +315,8 @@ async fn accept_loop(shared: &Arc<Shared>, listener: &AsyncFd<Socket>) {
             Ok(result) => result.and_then(register),
             Err(_would_block) => continue, // the backlog is empty; readiness is cleared
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff = Duration::ZERO;
-                shared.tracker.spawn(crate::proxy::serve_connection(
-                    shared.clone(),
-                    stream,
-                    peer,
-                    permit,
-                ));
-            }
-            Err(e) => {
-                if let Some(pause) = accept_failed(shared, &e, &mut backoff) {
-                    drop(permit);
-                    tokio::time::sleep(pause).await;
-                }
-            }
+        if let Some(pause) = on_accept(shared, accepted, permit, &mut backoff) {
+            tokio::time::sleep(pause).await;
         }
     }
 }
