@@ -254,9 +254,9 @@ pub enum RuntimeArg {
 }
 
 impl RuntimeArg {
-    /// Per-core where it exists (Linux): side by side on the benchmark machine it carried 1.13× the
-    /// connection rate and 1.17× the keep-alive rate of the work-stealing runtime, with 0.55× its added
-    /// p99 latency (`benches/compare.py`, 5 interleaved rounds).
+    /// Per-core where it exists (Linux): against the work-stealing runtime, round by round over 5 rounds
+    /// with the order of targets rotated, it carried 1.05× the connection rate and 1.12× the keep-alive
+    /// rate, with 0.97× the p99 latency (`benches/compare.py`).
     #[cfg(target_os = "linux")]
     pub const DEFAULT: RuntimeArg = RuntimeArg::PerCore;
     /// Work-stealing where per-core serving is not available.
