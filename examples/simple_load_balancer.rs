@@ -52,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.in_flight, report.forced
     );
     for b in handle.backends() {
-        println!("  {:<21} carried {} connections", b.name, b.total);
+        println!("  {:<21} carried {} connections", b.id, b.total);
     }
     Ok(())
 }

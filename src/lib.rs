@@ -5,29 +5,39 @@
 //!
 //! # Layout, and how a connection flows through it
 //!
-//! * [`config`]: the validated [`BalancerConfig`] (backends with weights, strategy, timeouts, limits) and
-//!   [`BackendSpec`], the `HOST:PORT@WEIGHT` form of the command line.
-//! * `balancer`: [`TcpBalancer`]. Its accept loop takes a permit under the connection limit *before*
-//!   accepting (so that at the limit clients wait in the kernel's backlog), accepts, and spawns one task per
-//!   connection on a `TaskTracker`; shutdown closes the listener and drains that tracker under a deadline.
-//!   [`BalancerHandle`] reads live state and starts the shutdown.
-//! * `strategy`: the [`Strategy`] table. Backends live in an immutable snapshot behind an `ArcSwap` with a
-//!   precomputed smooth weighted schedule; a pick is a few atomic loads and at most one `fetch_add`.
-//! * `backend`: one backend's atomics (active, totals, passive health) and the guard that holds an active
-//!   count for exactly as long as the connection lives.
-//! * `load_tree`: the min-tree of backend loads that least connections reads on large tables; the guards
-//!   keep it up to date.
-//! * `proxy`: the life of one connection: connect with retries on other backends, then two pumps (one per
-//!   direction) with half-close, idle and half-close timeouts, and resets passed on as resets.
-//! * [`metrics`]: metric names, the Prometheus exporter, and handles registered once per backend.
-//! * [`cluster`]: supervises N worker processes (restarts with back-off, rolling restarts), optionally as
-//!   the balancer's backends.
-//!
 //! ```text
-//! accept ─► permit ─► task ─► Selector::pick ─► connect (timeout, ≤ N backends) ─► splice ─► close/abort
-//!                                 ▲                     │ failure
-//!                                 └── passive health ◄──┘
+//! accept ─► admit ─► pick ─► connect ─► (replay) ─► splice ─► account ─► close/abort
+//! server/   server/  balance/ proxy/     proxy/       proxy/    backend/
+//!  accept    limit    table    connect    replay       duplex    guard, stats
+//!                       ▲        │ failure                        metrics/
+//!                       │        ▼
+//!            backend/registry ◄── health/passive
+//!            (snapshots published on every change: handle calls, reload, discovery)
 //! ```
+//!
+//! * `server`: [`TcpBalancer`] and its accept loops (one listener on the work-stealing runtime, or one
+//!   per thread with per-core runtimes); the connection limit is a permit taken *before* `accept()`, so
+//!   that at the limit clients wait in the kernel's backlog. [`BalancerHandle`] reads live state, changes
+//!   the backends while the balancer runs, streams their events and starts the graceful shutdown.
+//! * `proxy`: the life of one connection, which sees only its per-service `Context`: connect with
+//!   retries on other backends, the optional replay phase, then two pumps (one per direction) with
+//!   half-close, idle and half-close timeouts, and resets passed on as resets.
+//! * [`balance`]: the [`Strategy`] table: an immutable snapshot of the backends with a smooth weighted
+//!   schedule and, for least connections, a min-tree of loads. A pick is a few atomic loads and at most
+//!   one `fetch_add`, and never locks.
+//! * [`backend`]: one live state object per backend id (active connections, totals, bytes, health,
+//!   weights, admin state), the guard that holds a connection's count, the registry that applies changes
+//!   and publishes a new snapshot after each, and the event stream.
+//! * [`health`]: how a backend is judged down (passive: failed connects, with a doubling back-off).
+//! * [`config`]: the validated [`BalancerConfig`] with its documented ranges, and [`BackendSpec`], the
+//!   `HOST:PORT@WEIGHT` form of the command line.
+//! * [`metrics`]: metric names, the Prometheus exporter, and handles registered once per backend.
+//! * [`cluster`] (feature `cluster`): supervises N worker processes (restarts with back-off, rolling
+//!   restarts), optionally as the balancer's backends.
+//! * [`pool`] (feature `pool`): CPU-heavy closures on Tokio's blocking threads behind bounded semaphores.
+//!
+//! Imports go one way: `server` → `proxy` → `backend` → `config` → `balance`, `health` → `metrics`, and
+//! `cluster` uses only the public API of the others.
 //!
 //! # Example
 //!
@@ -62,29 +72,31 @@
 //! ```
 #![deny(missing_docs)]
 
-mod backend;
-mod balancer;
+pub mod backend;
+pub mod balance;
+mod clock;
+#[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod config;
-mod load_tree;
+pub mod health;
 pub mod metrics;
-#[cfg(target_os = "linux")]
-mod per_core;
+#[cfg(feature = "pool")]
 pub mod pool;
 mod proxy;
+mod server;
 pub mod signal;
-#[cfg(target_os = "linux")]
-mod splice;
-mod strategy;
 
-pub use backend::BackendStats;
-pub use balancer::{bind, BalancerHandle, ShutdownReport, TcpBalancer};
+pub use backend::{
+    AdminState, BackendError, BackendEvent, BackendEvents, BackendId, BackendStats, DrainReport,
+    Replaced,
+};
+pub use balance::{Strategy, UnknownStrategy};
 pub use config::{
     BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
 };
 #[cfg(target_os = "linux")]
-pub use per_core::{PerCoreListeners, MAX_THREADS};
-pub use strategy::{Strategy, UnknownStrategy};
+pub use server::PerCoreListeners;
+pub use server::{bind, BalancerHandle, Drain, ShutdownReport, TcpBalancer, MAX_THREADS};
 
 #[doc(hidden)]
 pub mod bench_support {
@@ -92,38 +104,42 @@ pub mod bench_support {
 
     use std::sync::Arc;
 
-    use crate::backend::{ActiveGuard, Backend};
-    use crate::strategy::{Selector, Table};
+    use tokio_util::sync::CancellationToken;
+
+    use crate::backend::{ActiveGuard, Backend, Registry};
+    use crate::config::BackendConfig;
     use crate::Strategy;
 
-    /// A strategy table over backends of the given weights (their addresses are never connected to).
+    /// A registry over backends of the given weights (their addresses are never connected to).
     pub struct Picker {
-        selector: Selector,
+        registry: Registry,
         backends: Vec<Arc<Backend>>,
     }
 
+    fn configs(weights: &[u32]) -> Vec<BackendConfig> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let port = 1 + (i % 65_000) as u16;
+                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+                BackendConfig::new(addr).with_id(format!("b{i}")).with_weight(w)
+            })
+            .collect()
+    }
+
     impl Picker {
-        /// Builds the table.
+        /// Builds the registry and its first table.
         pub fn new(weights: &[u32], strategy: Strategy) -> Self {
-            let backends: Vec<Arc<Backend>> = weights
-                .iter()
-                .enumerate()
-                .map(|(i, &w)| {
-                    let port = 1 + (i % 65_000) as u16;
-                    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-                    Arc::new(Backend::new(&format!("b{i}"), addr, w))
-                })
-                .collect();
-            Picker {
-                selector: Selector::new(Table::new(backends.clone()), strategy, 42),
-                backends,
-            }
+            let registry = Registry::new(strategy, 42, &configs(weights), CancellationToken::new());
+            let backends = registry.table().entries().to_vec();
+            Picker { registry, backends }
         }
 
         /// One pick, as a connection makes it (the `Arc` it returns is dropped).
         #[inline]
         pub fn pick(&self) -> bool {
-            self.selector.pick(&[]).is_some()
+            self.registry.pick(&[]).is_some()
         }
 
         /// The per-connection bookkeeping: guard taken, counted as connected, dropped.
@@ -138,6 +154,13 @@ pub mod bench_support {
             (0..n)
                 .map(|i| ActiveGuard::new(self.backends[(i * 7) % self.backends.len()].clone()))
                 .collect()
+        }
+
+        /// Changes one backend's weight, which rebuilds and publishes the table: the cost of a rebuild.
+        pub fn rebuild(&self, i: usize) {
+            let id = format!("b{}", i % self.backends.len());
+            let weight = 1 + (i % 2) as u32;
+            let _ = self.registry.set_weight(&id, weight);
         }
     }
 }

@@ -92,8 +92,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
-    Gauge, Histogram, Unit,
+    counter, gauge, histogram, Counter, Gauge, Histogram,
 };
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
@@ -269,28 +268,10 @@ impl PoolMetrics {
     }
 }
 
-/// Describes the pool's metrics to the installed recorder (HELP lines). Call it once after installing
-/// the recorder, if you want descriptions; [`crate::metrics::describe`] does not cover the pool.
+/// Describes the pool's metrics to the installed recorder (HELP lines). [`crate::metrics::describe`]
+/// (which [`crate::metrics::install_prometheus`] calls) does it too.
 pub fn describe_metrics() {
-    describe_gauge!(POOL_JOBS_RUNNING, "Blocking pool jobs running now.");
-    describe_gauge!(
-        POOL_JOBS_QUEUED,
-        "Blocking pool jobs waiting for a slot now."
-    );
-    describe_counter!(
-        POOL_JOBS_TOTAL,
-        "Blocking pool jobs, by outcome (ok, panicked, rejected, timeout, cancelled)."
-    );
-    describe_histogram!(
-        POOL_QUEUE_WAIT_SECONDS,
-        Unit::Seconds,
-        "Time from submission to start of blocking pool jobs."
-    );
-    describe_histogram!(
-        POOL_RUN_SECONDS,
-        Unit::Seconds,
-        "Time blocking pool jobs ran."
-    );
+    crate::metrics::describe_pool();
 }
 
 /// How a submission gets into the queue.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{echo_roundtrip, fnv, pattern, refusing_addr, wait_until, Backend, Running};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use ulb_tcp::{BackendConfig, BalancerConfig, CopyMode, PassiveHealth, Strategy};
+use ulb_tcp::{AdminState, BackendConfig, BalancerConfig, CopyMode, PassiveHealth, Strategy};
 
 /// A data path: how bytes are copied, and whether the replay phase (which carries every connection's
 /// first bytes before the backend answers) runs first.
@@ -215,11 +215,7 @@ async fn no_strategy_picks_a_backend_that_is_down() {
         let dead = refusing_addr();
         let cfg = config(&[bs[0].addr, dead, bs[1].addr])
             .strategy(strategy)
-            .health(PassiveHealth {
-                failure_threshold: 1,
-                backoff: Duration::from_secs(60),
-                ..PassiveHealth::default()
-            });
+            .health(PassiveHealth::new(1, Duration::from_secs(60), Duration::from_secs(60)));
         let lb = Running::start(cfg).await;
         for i in 0..100 {
             let (tag, _s) = lb.tag().await;
@@ -483,11 +479,7 @@ async fn all_backends_down_closes_clients_within_the_connect_budget_and_recovers
     let dead = [refusing_addr(), refusing_addr()];
     let cfg = config(&dead)
         .connect_timeout(Duration::from_millis(500))
-        .health(PassiveHealth {
-            failure_threshold: 1,
-            backoff: Duration::from_millis(300),
-            max_backoff: Duration::from_millis(300),
-        });
+        .health(PassiveHealth::new(1, Duration::from_millis(300), Duration::from_millis(300)));
     let lb = Running::start(cfg).await;
     let budget = Duration::from_millis(500 * 3) + Duration::from_millis(500);
     for _ in 0..20 {
@@ -550,10 +542,7 @@ async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
     let good = Backend::echo().await;
     let cfg = config(&[hole_addr, good.addr])
         .connect_timeout(Duration::from_millis(200))
-        .health(PassiveHealth {
-            failure_threshold: 2,
-            ..PassiveHealth::default()
-        });
+        .health(PassiveHealth::new(2, Duration::from_secs(5), Duration::from_secs(60)));
     let lb = Running::start(cfg).await;
     for i in 0..20u64 {
         let data = Arc::new(pattern(i, 5000));
@@ -730,13 +719,7 @@ async fn the_drain_deadline_cuts_what_is_left_with_a_reset() {
     let t0 = Instant::now();
     let report = lb.stop().await;
     assert!(t0.elapsed() >= Duration::from_millis(250));
-    assert_eq!(
-        report,
-        ulb_tcp::ShutdownReport {
-            in_flight: 1,
-            forced: 1
-        }
-    );
+    assert_eq!((report.in_flight, report.forced), (1, 1), "{report:?}");
     let mut buf = Vec::new();
     let r = held.read_to_end(&mut buf).await;
     assert_eq!(
@@ -775,27 +758,36 @@ async fn stats_count_every_connection_and_no_count_leaks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disabled_backend_takes_no_new_connections_but_keeps_its_open_ones() {
+async fn a_drained_backend_takes_no_new_connections_but_keeps_its_open_ones() {
     let bs = tagged(2).await;
     let lb = Running::start(config(&addrs(&bs))).await;
     let (first, mut open) = lb.tag().await;
     assert_eq!(first, 0);
-    assert!(lb.handle.set_backend_enabled(bs[0].addr, false));
-    assert!(!lb
-        .handle
-        .set_backend_enabled(common::refusing_addr(), false));
+    let id = bs[0].addr.to_string();
+    assert_eq!(
+        lb.handle.set_admin_state(&id, AdminState::Drain),
+        Ok(AdminState::Ready)
+    );
+    let unknown = common::refusing_addr().to_string();
+    assert_eq!(
+        lb.handle.set_admin_state(&unknown, AdminState::Drain),
+        Err(ulb_tcp::BackendError::NotFound(unknown.clone()))
+    );
     for _ in 0..20 {
-        assert_eq!(lb.tag().await.0, 1, "a disabled backend got a connection");
+        assert_eq!(lb.tag().await.0, 1, "a drained backend got a connection");
     }
     // The connection opened before still works.
     open.write_all(b"still here").await.unwrap();
     let mut buf = [0u8; 10];
     open.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"still here");
-    let stats = lb.handle.backend(bs[0].addr).unwrap();
-    assert!(!stats.enabled && stats.up && stats.active == 1, "{stats:?}");
+    let stats = lb.handle.backend(&id).unwrap();
+    assert!(
+        stats.admin == AdminState::Drain && stats.up && stats.active == 1,
+        "{stats:?}"
+    );
 
-    lb.handle.set_backend_enabled(bs[0].addr, true);
+    lb.handle.set_admin_state(&id, AdminState::Ready).unwrap();
     let mut seen = [0; 2];
     for _ in 0..10 {
         seen[lb.tag().await.0 as usize] += 1;
@@ -892,7 +884,7 @@ async fn a_backend_that_dies_before_answering_is_replaced_without_the_client_kno
                     "{death:?}, fin {fin}, request {i}"
                 );
             }
-            let stats = lb.handle.backend(bad.addr).unwrap();
+            let stats = lb.handle.backend(&bad.addr.to_string()).unwrap();
             assert!(bad.accepted() >= 1, "{death:?}: round robin starts with it");
             assert_eq!(stats.connect_failures as usize, bad.accepted(), "{death:?}");
             assert_eq!(good.accepted(), 10, "{death:?}, fin {fin}");
@@ -1052,13 +1044,7 @@ async fn per_core_drain_deadline_cuts_connections_on_every_thread() {
         held.push(lb.tag().await.1);
     }
     let report = lb.stop().await;
-    assert_eq!(
-        report,
-        ulb_tcp::ShutdownReport {
-            in_flight: 20,
-            forced: 20
-        }
-    );
+    assert_eq!((report.in_flight, report.forced), (20, 20), "{report:?}");
     for mut s in held {
         let r = s.read_to_end(&mut Vec::new()).await;
         assert_eq!(

@@ -172,12 +172,12 @@ fn bad_input_gets_one_line_and_exit_code_two() {
     assert_one_line_error(
         &["--backends", "127.0.0.1:1", "--max-connections", "0"],
         2,
-        "max connections 0",
+        "--max-connections 0 is out of range",
     );
     assert_one_line_error(
         &["--backends", "127.0.0.1:1", "--replay-limit", "32m"],
         2,
-        "replay limit 33554432",
+        "--replay-limit 33554432 is out of range",
     );
     assert_one_line_error(
         &["--backends", "127.0.0.1:1", "--replay-limit", "lots"],

@@ -166,7 +166,7 @@ async fn wait_for_backend(
     f: impl Fn(&ulb_tcp::BackendStats) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !b.backend(addr).is_some_and(|s| f(&s)) {
+    while !b.backend(&addr.to_string()).is_some_and(|s| f(&s)) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -319,7 +319,7 @@ async fn workers_get_their_identity_and_all_take_connections() {
     assert_eq!(seen, BTreeSet::from([0, 1, 2]));
     let b = handle.balancer().unwrap();
     assert!(
-        b.backends().iter().all(|b| b.enabled && b.total >= 5),
+        b.backends().iter().all(|b| b.admin == ulb_tcp::AdminState::Ready && b.total >= 5),
         "{:?}",
         b.backends()
     );
@@ -378,7 +378,7 @@ async fn kill_9_of_a_worker_under_load_costs_clients_nothing() {
     // A connection the victim had answered just before it stopped can still be on its way out; 200 ms
     // later every connection still open on it is one it will never answer.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let stuck = b.backend(backend).unwrap().active;
+    let stuck = b.backend(&backend.to_string()).unwrap().active;
     assert!(stuck >= 1, "{stuck}");
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
@@ -392,7 +392,7 @@ async fn kill_9_of_a_worker_under_load_costs_clients_nothing() {
     let _guard2 = KillPids(vec![new_pid]);
     tokio::time::sleep(Duration::from_millis(1500)).await; // the new one takes traffic
     let (ok, failures, pids) = load.finish().await;
-    let replayed = b.backend(backend).unwrap().connect_failures;
+    let replayed = b.backend(&backend.to_string()).unwrap().connect_failures;
     eprintln!(
         "replacement up {replaced_in:?} after the kill; {stuck} connections stuck on the victim, \
          {replayed} replayed; {ok} requests, failures {failures:?}"

@@ -6,7 +6,7 @@
 //!   own tallies exactly; plus `ulb_backend_up`, `ulb_connect_errors_total{reason="refused"}`, and more.
 //! * `dashboard_and_alerts_are_well_formed`: the Grafana dashboard's structure (datasource variable used by
 //!   every panel, backend variable, reserved rows) and that every metric named in the dashboard and the
-//!   alert rules exists (a constant in `src/metrics.rs`) or has a reserved prefix.
+//!   alert rules exists (a constant in `src/metrics/mod.rs`) or has a reserved prefix.
 //! * `promtool_check_metrics_passes_on_a_real_scrape`, `promtool_check_rules_passes`: lint with promtool.
 //! * `prometheus_evaluates_every_dashboard_and_alert_expression`: a real Prometheus scrapes the balancer
 //!   while traffic flows and answers every PromQL expression of the dashboard and of the alert rules.
@@ -1184,9 +1184,9 @@ fn metric_names(expr: &str) -> Vec<String> {
     out
 }
 
-/// The metric names defined as string constants in `src/metrics.rs`.
+/// The metric names defined as string constants in `src/metrics/mod.rs`.
 fn defined_metrics() -> Vec<String> {
-    let src = read_repo_file("src/metrics.rs");
+    let src = read_repo_file("src/metrics/mod.rs");
     let mut out = Vec::new();
     for line in src.lines() {
         let t = line.trim();

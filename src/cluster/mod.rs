@@ -101,6 +101,9 @@ pub fn is_cluster_mode() -> bool {
     cluster_size().is_some()
 }
 
+/// The most worker processes one cluster supervises.
+pub const MAX_PROCESSES: usize = 4096;
+
 /// When and how often a worker that exits is restarted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestartPolicy {
@@ -274,12 +277,33 @@ impl ClusterConfig {
         if self.base_port == 0 {
             return Err(ClusterError::BasePortZero);
         }
+        if self.processes > MAX_PROCESSES {
+            return Err(ClusterError::TooManyProcesses {
+                processes: self.processes,
+            });
+        }
         let last = usize::from(self.base_port) + self.processes - 1;
         if last > usize::from(u16::MAX) {
             return Err(ClusterError::PortRange {
                 base_port: self.base_port,
                 processes: self.processes,
             });
+        }
+        let r = &self.restart;
+        let durations = [
+            ("drain timeout", self.drain_timeout, Duration::ZERO),
+            ("kill timeout", self.kill_timeout, Duration::ZERO),
+            ("ready poll interval", self.ready_poll_interval, Duration::from_millis(1)),
+            ("ready timeout", self.ready_timeout, Duration::from_millis(1)),
+            ("restart initial back-off", r.initial_backoff, Duration::ZERO),
+            ("restart max back-off", r.max_backoff, Duration::ZERO),
+            ("restart reset-after", r.reset_after, Duration::ZERO),
+            ("restart window", r.window, Duration::ZERO),
+        ];
+        for (what, value, min) in durations {
+            if value < min || value > crate::config::MAX_DURATION {
+                return Err(ClusterError::Duration { what, value, min });
+            }
         }
         if let Some(listen) = self.listen {
             let p = usize::from(listen.port());
@@ -438,6 +462,22 @@ pub enum ClusterError {
         /// The number of processes.
         processes: usize,
     },
+    /// More processes than [`MAX_PROCESSES`].
+    #[error("{processes} processes is more than {MAX_PROCESSES}")]
+    TooManyProcesses {
+        /// The number asked for.
+        processes: usize,
+    },
+    /// A duration out of its range.
+    #[error("{what} {value:?} is out of range ({min:?} to 24 days)")]
+    Duration {
+        /// Which one.
+        what: &'static str,
+        /// The value given.
+        value: Duration,
+        /// The least allowed.
+        min: Duration,
+    },
     /// The balancer's port is one of the workers'.
     #[error("listen address {listen} collides with the worker ports {first}-{last}")]
     ListenCollides {
@@ -502,6 +542,8 @@ impl ClusterError {
             ClusterError::NoProcesses
                 | ClusterError::BasePortZero
                 | ClusterError::PortRange { .. }
+                | ClusterError::TooManyProcesses { .. }
+                | ClusterError::Duration { .. }
                 | ClusterError::ListenCollides { .. }
                 | ClusterError::CommandNotFound { .. }
                 | ClusterError::NotExecutable { .. }
@@ -638,7 +680,7 @@ impl Cluster {
                 let balancer = TcpBalancer::new(config.balancer_config())?;
                 let handle = balancer.handle();
                 for b in handle.backends() {
-                    handle.set_backend_enabled(b.addr, false);
+                    let _ = handle.set_admin_state(&b.id, crate::AdminState::Maint);
                 }
                 Some(balancer)
             }

@@ -23,6 +23,7 @@ use super::{
     WorkerStatus, ENV_CLUSTER_SIZE, ENV_PORT, ENV_WORKER_ID, ENV_WORKER_PORT,
 };
 use crate::metrics::{WORKER_RESTARTS_TOTAL, WORKER_STATES, WORKER_UP};
+use crate::{AdminState, BackendEvent, BackendEvents, BalancerHandle};
 
 /// Metric handles, registered once.
 #[derive(Debug)]
@@ -125,6 +126,7 @@ pub(super) async fn run(
             id,
             port,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            backend_id: SocketAddr::from(([127, 0, 0, 1], port)).to_string(),
             shared: shared.clone(),
             program: program.clone(),
             arg0: command.program.clone(),
@@ -190,6 +192,8 @@ struct Worker {
     id: usize,
     port: u16,
     addr: SocketAddr,
+    /// Its id as the balancer's backend (the address).
+    backend_id: String,
     shared: Arc<Shared>,
     program: PathBuf,
     #[cfg_attr(not(unix), allow(dead_code))]
@@ -240,7 +244,7 @@ impl Worker {
             };
 
             // It exited on its own (or could not be started): out of rotation before anything else.
-            self.set_enabled(false);
+            self.set_rotation(AdminState::Maint);
             let uptime = started.elapsed();
             if uptime >= policy.reset_after {
                 backoff = policy.initial_backoff;
@@ -342,7 +346,7 @@ impl Worker {
     /// The process is running and (with a port check) accepting: into rotation.
     fn running(&self, pending: &mut Reply) {
         self.set(WorkerState::Running, None);
-        self.set_enabled(true);
+        self.set_rotation(AdminState::Ready);
         tracing::info!(worker = self.id, port = self.port, "worker running");
         settle(pending, Ok(()));
     }
@@ -352,28 +356,24 @@ impl Worker {
     async fn stop(&self, child: &mut Child, drain: bool) {
         let config = &self.shared.config;
         self.set(WorkerState::Stopping, None);
-        self.set_enabled(false);
+        // Subscribed before the worker leaves the rotation, so that its last connection's end is seen.
+        let mut events = self.shared.balancer.as_ref().map(|b| b.events());
+        self.set_rotation(AdminState::Drain);
         let pid = child.id();
-        if let (true, Some(balancer)) = (drain, &self.shared.balancer) {
-            let deadline = Instant::now() + config.drain_timeout;
-            loop {
-                let active = balancer.backend(self.addr).map_or(0, |b| b.active);
-                if active == 0 {
-                    break;
-                }
-                if Instant::now() >= deadline {
+        if let (true, Some(balancer), Some(events)) = (drain, &self.shared.balancer, &mut events) {
+            let drained = wait_drained(balancer, &self.backend_id, events);
+            tokio::select! {
+                () = drained => {}
+                () = tokio::time::sleep(config.drain_timeout) => {
+                    let active = balancer.backend(&self.backend_id).map_or(0, |b| b.active);
                     tracing::warn!(
                         worker = self.id,
                         active,
                         "drain deadline passed; stopping the worker with connections open"
                     );
-                    break;
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(10)) => {}
-                    () = self.shared.hard_stop.cancelled() => break,
-                    _ = child.wait() => break,
-                }
+                () = self.shared.hard_stop.cancelled() => {}
+                _ = child.wait() => {}
             }
         }
         let status = self.terminate(child).await;
@@ -451,9 +451,13 @@ impl Worker {
         });
     }
 
-    fn set_enabled(&self, enabled: bool) {
+    /// Puts the worker in rotation (`Ready`) or takes it out (`Drain` while it stops, `Maint` while it is
+    /// not running).
+    fn set_rotation(&self, state: AdminState) {
         if let Some(b) = &self.shared.balancer {
-            b.set_backend_enabled(self.addr, enabled);
+            if let Err(e) = b.set_admin_state(&self.backend_id, state) {
+                tracing::error!(worker = self.id, error = %e, "cannot change the worker's rotation");
+            }
         }
     }
 }
@@ -462,6 +466,21 @@ impl Worker {
 fn settle(pending: &mut Reply, result: Result<(), String>) {
     if let Some(reply) = pending.take() {
         let _ = reply.send(result);
+    }
+}
+
+/// Resolves once the backend `id` (out of rotation) has no connection open: at once if it has none, else
+/// on its [`BackendEvent::Drained`]. A stream that lagged reads the count again.
+async fn wait_drained(balancer: &BalancerHandle, id: &str, events: &mut BackendEvents) {
+    loop {
+        if balancer.backend(id).is_none_or(|b| b.active == 0) {
+            return;
+        }
+        match events.recv().await {
+            Some(Ok(BackendEvent::Drained { id: drained })) if drained.as_str() == id => return,
+            Some(_) => {}
+            None => return,
+        }
     }
 }
 

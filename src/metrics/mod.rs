@@ -6,11 +6,14 @@
 //! [`install_prometheus`]) *before* building a [`TcpBalancer`](crate::TcpBalancer): handles bind to the
 //! recorder in place when they are registered, and are no-ops without one.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+mod handles;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics::{Counter, Gauge, Histogram, Unit};
+#[cfg(feature = "prometheus")]
+use std::net::SocketAddr;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+
+pub(crate) use handles::{BackendMetrics, GlobalMetrics};
 
 /// Connections handed to a backend (successful connects), by `backend`.
 pub const CONNECTIONS_TOTAL: &str = "ulb_connections_total";
@@ -34,7 +37,9 @@ pub const BACKEND_WEIGHT: &str = "ulb_backend_weight";
 pub const NO_BACKEND_TOTAL: &str = "ulb_no_backend_total";
 /// Errors from `accept()` (EMFILE and friends).
 pub const ACCEPT_ERRORS_TOTAL: &str = "ulb_accept_errors_total";
-/// Client connections closed without being carried, by `reason` (`no_backend`, `connect_failed`).
+/// Client connections closed without being carried, by `reason` (`no_backend`: none was available;
+/// `connect_failed`: every one tried failed; `local_resources`: this host ran out of descriptors or
+/// ports).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "ulb_build_info";
@@ -112,10 +117,11 @@ pub fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    crate::pool::describe_metrics();
+    describe_pool();
 }
 
 /// Errors from [`install_prometheus`].
+#[cfg(feature = "prometheus")]
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve metrics on {addr}: {source}")]
 pub struct MetricsError {
@@ -126,6 +132,7 @@ pub struct MetricsError {
 
 /// Installs the Prometheus recorder as the global one and serves `/metrics` on `addr` (its own listener).
 /// Must be called from inside a Tokio runtime, before the balancer is built.
+#[cfg(feature = "prometheus")]
 pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     let err = |e: Box<dyn std::error::Error + Send + Sync>| MetricsError { addr, source: e };
@@ -151,101 +158,28 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
     Ok(())
 }
 
-/// Per-backend handles, registered once.
-#[derive(Debug)]
-pub(crate) struct BackendMetrics {
-    connections: Counter,
-    active: Gauge,
-    pub(crate) bytes_to_backend: Counter,
-    pub(crate) bytes_to_client: Counter,
-    refused: Counter,
-    timeout: Counter,
-    other: Counter,
-    unanswered: Counter,
-    connect_duration: Histogram,
-    up: Gauge,
-    weight: Gauge,
-}
 
-impl BackendMetrics {
-    pub(crate) fn register(backend: &str) -> Self {
-        let b = || ("backend", backend.to_string());
-        let errors = |reason: ConnectFailure| {
-            counter!(
-                CONNECT_ERRORS_TOTAL,
-                &[b(), ("reason", reason.as_str().to_string())]
-            )
-        };
-        BackendMetrics {
-            connections: counter!(CONNECTIONS_TOTAL, &[b()]),
-            active: gauge!(CONNECTIONS_ACTIVE, &[b()]),
-            bytes_to_backend: counter!(
-                BYTES_TOTAL,
-                &[b(), ("direction", DIRECTION_CLIENT_TO_BACKEND.to_string())]
-            ),
-            bytes_to_client: counter!(
-                BYTES_TOTAL,
-                &[b(), ("direction", DIRECTION_BACKEND_TO_CLIENT.to_string())]
-            ),
-            refused: errors(ConnectFailure::Refused),
-            timeout: errors(ConnectFailure::Timeout),
-            other: errors(ConnectFailure::Other),
-            unanswered: errors(ConnectFailure::Unanswered),
-            connect_duration: histogram!(CONNECT_DURATION_SECONDS, &[b()]),
-            up: gauge!(BACKEND_UP, &[b()]),
-            weight: gauge!(BACKEND_WEIGHT, &[b()]),
-        }
-    }
-
-    pub(crate) fn active_up(&self) {
-        self.active.increment(1.0);
-    }
-    pub(crate) fn active_down(&self) {
-        self.active.decrement(1.0);
-    }
-    pub(crate) fn connected(&self) {
-        self.connections.increment(1);
-    }
-    pub(crate) fn connected_in(&self, d: Duration) {
-        self.connect_duration.record(d.as_secs_f64());
-    }
-    pub(crate) fn connect_failed(&self, why: ConnectFailure) {
-        match why {
-            ConnectFailure::Refused => &self.refused,
-            ConnectFailure::Timeout => &self.timeout,
-            ConnectFailure::Other => &self.other,
-            ConnectFailure::Unanswered => &self.unanswered,
-        }
-        .increment(1);
-    }
-    pub(crate) fn set_up(&self, up: bool) {
-        self.up.set(if up { 1.0 } else { 0.0 });
-    }
-    pub(crate) fn set_weight(&self, w: u32) {
-        self.weight.set(f64::from(w));
-    }
-}
-
-/// Handles that do not depend on a backend.
-#[derive(Debug)]
-pub(crate) struct GlobalMetrics {
-    pub(crate) no_backend: Counter,
-    pub(crate) accept_errors: Counter,
-    pub(crate) rejected_no_backend: Counter,
-    pub(crate) rejected_connect_failed: Counter,
-    pub(crate) connection_duration: Histogram,
-}
-
-impl GlobalMetrics {
-    pub(crate) fn register() -> Self {
-        GlobalMetrics {
-            no_backend: counter!(NO_BACKEND_TOTAL),
-            accept_errors: counter!(ACCEPT_ERRORS_TOTAL),
-            rejected_no_backend: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "no_backend"),
-            rejected_connect_failed: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "connect_failed"),
-            connection_duration: histogram!(CONNECTION_DURATION_SECONDS),
-        }
-    }
+/// Describes the blocking pool's metrics (HELP lines).
+pub(crate) fn describe_pool() {
+    describe_gauge!(POOL_JOBS_RUNNING, "Blocking pool jobs running now.");
+    describe_gauge!(
+        POOL_JOBS_QUEUED,
+        "Blocking pool jobs waiting for a slot now."
+    );
+    describe_counter!(
+        POOL_JOBS_TOTAL,
+        "Blocking pool jobs, by outcome (ok, panicked, rejected, timeout, cancelled)."
+    );
+    describe_histogram!(
+        POOL_QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time from submission to start of blocking pool jobs."
+    );
+    describe_histogram!(
+        POOL_RUN_SECONDS,
+        Unit::Seconds,
+        "Time blocking pool jobs ran."
+    );
 }
 
 // Blocking pool

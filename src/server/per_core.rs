@@ -28,10 +28,10 @@ use tokio::net::TcpStream;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
-use crate::balancer::{drain, on_accept, Shared, ShutdownReport};
+use super::accept::on_accept;
+use super::drain::drain;
+use super::{Shared, ShutdownReport, MAX_THREADS};
 
-/// The most threads [`PerCoreListeners::bind`] accepts.
-pub const MAX_THREADS: usize = 1024;
 
 /// One listening socket per thread, all bound to the same address with `SO_REUSEPORT`, ready for
 /// [`TcpBalancer::serve_per_core`](crate::TcpBalancer::serve_per_core).
@@ -151,7 +151,7 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.shared.shutdown.cancel();
-            self.shared.hard_stop.cancel();
+            self.shared.ctx.hard_stop.cancel();
             self.shared.tracker.close();
         }
     }
@@ -203,7 +203,7 @@ pub(crate) async fn serve(
     tracing::info!(
         listen = %addr,
         threads = started,
-        strategy = %shared.selector.strategy(),
+        strategy = %shared.ctx.backends.strategy(),
         backends = shared.config.backends.len(),
         max_connections = shared.config.max_connections,
         "balancer accepting connections (per-core runtimes)"

@@ -8,7 +8,9 @@ use std::ffi::OsString;
 
 use clap::{Parser, ValueEnum};
 use ulb_tcp::cluster::{ClusterConfig, RestartPolicy, WorkerCommand};
-use ulb_tcp::{BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth, Strategy};
+use ulb_tcp::{
+    BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth, Strategy, MAX_THREADS,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -69,7 +71,7 @@ drained first. Output lines of worker i are prefixed with [worker i].";
 #[derive(Debug, clap::Args)]
 pub struct ClusterArgs {
     /// Number of worker processes. Default: the number of CPUs.
-    #[arg(long, short = 'p', value_name = "N")]
+    #[arg(long, short = 'p', value_name = "N", allow_hyphen_values = true)]
     pub processes: Option<usize>,
 
     /// Worker i listens on BASE+i (given as ULB_WORKER_PORT and PORT, and as {port} in the arguments).
@@ -80,34 +82,35 @@ pub struct ClusterArgs {
     #[arg(long, short = 'l', value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
-    /// How the balancer chooses a worker for each connection.
-    #[arg(long, short = 's', value_enum, default_value_t = StrategyArg::RoundRobin)]
-    pub strategy: StrategyArg,
+    /// How the balancer chooses a worker for each connection: round-robin, least-connections, random or
+    /// p2c.
+    #[arg(long, short = 's', value_name = "STRATEGY", default_value = "round-robin")]
+    pub strategy: Strategy,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
 
     /// How long a rolling restart waits for a worker's connections, and a shutdown for the balancer's.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
 
     /// After SIGTERM, how long a worker may take to exit before SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub kill_timeout: Duration,
 
     /// Crashes within --restart-window after which a worker is given up.
-    #[arg(long, value_name = "N", default_value_t = 5)]
+    #[arg(long, value_name = "N", default_value_t = 5, allow_hyphen_values = true)]
     pub max_restarts: u32,
 
     /// See --max-restarts.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub restart_window: Duration,
 
     /// Keep up to BYTES of what a client sends until its worker answers; if the worker dies (or closes)
     /// before its first byte, send them to another worker instead (0: off, for workers that must never
     /// see a request twice).
-    #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size, allow_hyphen_values = true)]
     pub replay_limit: usize,
 
     /// Log format on stderr.
@@ -124,7 +127,7 @@ impl ClusterArgs {
     pub fn into_parts(self) -> (ClusterConfig, WorkerCommand, Option<SocketAddr>, LogFormat) {
         let mut config = ClusterConfig::new()
             .base_port(self.base_port)
-            .strategy(self.strategy.into())
+            .strategy(self.strategy)
             .drain_timeout(self.drain_timeout)
             .kill_timeout(self.kill_timeout)
             .replay_limit(self.replay_limit)
@@ -170,41 +173,42 @@ pub struct BalancerArgs {
     )]
     pub backends: Vec<BackendSpec>,
 
-    /// How to choose a backend for each connection.
-    #[arg(long, short = 's', value_enum, default_value_t = StrategyArg::RoundRobin)]
-    pub strategy: StrategyArg,
+    /// How to choose a backend for each connection: round-robin (weighted, smooth), least-connections
+    /// (fewest active per unit of weight), random (weighted) or p2c (the less loaded of two random picks).
+    #[arg(long, short = 's', value_name = "STRATEGY", default_value = "round-robin")]
+    pub strategy: Strategy,
 
     /// Longest time one connect to a backend may take before another backend is tried.
-    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub connect_timeout: Duration,
 
     /// Backends tried per client connection (each a different one) before the client is closed.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 3, allow_hyphen_values = true)]
     pub connect_attempts: u32,
 
     /// Close both sides of a connection that carried no bytes either way for this long.
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration, allow_hyphen_values = true)]
     pub idle_timeout: Duration,
 
     /// Once one side has half-closed (sent FIN), close both if the other stays silent this long.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub half_close_timeout: Duration,
 
     /// Connections carried at once; further clients wait in the kernel's accept backlog. Default: as many
     /// as the open-file limit allows (two descriptors each), at most 100000.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub max_connections: Option<usize>,
 
     /// On SIGINT/SIGTERM, how long connections in flight may take to finish before they are closed.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
 
     /// Consecutive failed connects that take a backend out of rotation (passive health).
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 3, allow_hyphen_values = true)]
     pub fail_threshold: u32,
 
     /// How long a failing backend stays out of rotation; doubles while it keeps failing, up to 60s.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub down_backoff: Duration,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100).
@@ -215,18 +219,18 @@ pub struct BalancerArgs {
     /// borrowed only while data is in flight), `splice` (Linux zero-copy through pooled pipes) or `plain`
     /// (Tokio's copy_bidirectional, the benchmark baseline; it does not enforce the idle and half-close
     /// timeouts).
-    #[arg(long, value_enum, default_value_t = CopyModeArg::Auto)]
-    pub copy_mode: CopyModeArg,
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub copy_mode: CopyMode,
 
     /// Buffer per direction while data is in flight, in the auto and pooled modes (bytes; k and m
     /// suffixes).
-    #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size, allow_hyphen_values = true)]
     pub buffer_size: usize,
 
     /// Keep up to BYTES of what a client sends until its backend answers; if the backend closes or
     /// resets before its first byte, send them to another backend instead (0: off). Only for backends
     /// where a request that got no answer may be delivered twice.
-    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_size)]
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_size, allow_hyphen_values = true)]
     pub replay_limit: usize,
 
     /// How connections are spread over threads: `per-core` (each thread runs its own single-threaded
@@ -236,7 +240,7 @@ pub struct BalancerArgs {
     pub runtime: RuntimeArg,
 
     /// Threads that carry connections, in either runtime. Default: the number of CPUs.
-    #[arg(long, value_name = "N", value_parser = parse_threads)]
+    #[arg(long, value_name = "N", value_parser = parse_threads, allow_hyphen_values = true)]
     pub threads: Option<NonZeroUsize>,
 
     /// Log format on stderr.
@@ -264,9 +268,6 @@ impl RuntimeArg {
     pub const DEFAULT: RuntimeArg = RuntimeArg::WorkStealing;
 }
 
-/// The most `--threads` accepted.
-const MAX_THREADS: usize = 1024;
-
 /// Parses a thread count, 1 to 1024.
 pub fn parse_threads(s: &str) -> Result<NonZeroUsize, String> {
     s.trim()
@@ -276,33 +277,12 @@ pub fn parse_threads(s: &str) -> Result<NonZeroUsize, String> {
         .ok_or_else(|| format!("'{s}' is not a thread count (1 to {MAX_THREADS})"))
 }
 
-/// `--copy-mode` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CopyModeArg {
-    /// Pooled buffers; on Linux, splice(2) once a direction carries a bulk transfer.
-    Auto,
-    /// Pooled buffers, held only while data is in flight.
-    Pooled,
-    /// Linux splice(2) through pooled pipes.
-    Splice,
-    /// Tokio's copy_bidirectional with 8 KiB buffers.
-    Plain,
-}
-
-impl From<CopyModeArg> for CopyMode {
-    fn from(m: CopyModeArg) -> Self {
-        match m {
-            CopyModeArg::Auto => CopyMode::Auto,
-            CopyModeArg::Pooled => CopyMode::Pooled,
-            CopyModeArg::Splice => CopyMode::Splice,
-            CopyModeArg::Plain => CopyMode::Plain,
-        }
-    }
-}
-
 /// Parses `65536`, `64k` or `1m`.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim().to_ascii_lowercase();
+    if t.starts_with('-') {
+        return Err(format!("'{s}' is negative (a size is 0 or more, for example 64k)"));
+    }
     let (num, scale) = match t.strip_suffix('k') {
         Some(n) => (n, 1024),
         None => match t.strip_suffix('m') {
@@ -316,30 +296,6 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("'{s}' is not a size (try 65536, 64k or 1m)"))
 }
 
-/// `--strategy` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StrategyArg {
-    /// Weighted smooth round robin.
-    RoundRobin,
-    /// Fewest active connections per unit of weight.
-    LeastConnections,
-    /// Weighted random.
-    Random,
-    /// Power of two random choices, the less loaded wins.
-    P2c,
-}
-
-impl From<StrategyArg> for Strategy {
-    fn from(s: StrategyArg) -> Self {
-        match s {
-            StrategyArg::RoundRobin => Strategy::RoundRobin,
-            StrategyArg::LeastConnections => Strategy::LeastConnections,
-            StrategyArg::Random => Strategy::Random,
-            StrategyArg::P2c => Strategy::PowerOfTwoChoices,
-        }
-    }
-}
-
 /// `--log-format` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -349,9 +305,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses `250ms`, `3s`, `5m`, `1h` or a bare number of seconds.
+/// Parses `250ms`, `3s`, `5m`, `1h`, `2d` or a bare number of seconds, at most 24 days (the library's
+/// [`MAX_DURATION`](ulb_tcp::config::MAX_DURATION)).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("'{s}' is negative (a duration is 0 or more, for example 3s)"));
+    }
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .unwrap_or(s.len());
@@ -364,9 +324,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
+        "d" => 86400.0,
+        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m, h or d)")),
     };
-    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("'{s}' is out of range"))
+    let max = ulb_tcp::config::MAX_DURATION;
+    match Duration::try_from_secs_f64(value * scale) {
+        Ok(d) if d <= max => Ok(d),
+        _ => Err(format!("'{s}' is too long (at most 24 days)")),
+    }
 }
 
 impl BalancerArgs {
@@ -378,7 +343,7 @@ impl BalancerArgs {
             backends.push(spec.resolve().await?);
         }
         let config = BalancerConfig::new(backends)
-            .strategy(self.strategy.into())
+            .strategy(self.strategy)
             .connect_timeout(self.connect_timeout)
             .connect_attempts(self.connect_attempts)
             .idle_timeout(self.idle_timeout)
@@ -388,16 +353,52 @@ impl BalancerArgs {
                     .unwrap_or_else(|| default_max_connections(fd_limit)),
             )
             .drain_timeout(self.drain_timeout)
-            .copy_mode(self.copy_mode.into())
+            .copy_mode(self.copy_mode)
             .buffer_size(self.buffer_size)
             .replay_limit(self.replay_limit)
-            .health(PassiveHealth {
-                failure_threshold: self.fail_threshold,
-                backoff: self.down_backoff,
-                ..PassiveHealth::default()
-            });
+            .health(PassiveHealth::new(
+                self.fail_threshold,
+                self.down_backoff,
+                PassiveHealth::default().max_backoff,
+            ));
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// The library's configuration fields and the flags that set them.
+const FLAGS: &[(&str, &str)] = &[
+    ("connect_timeout", "--connect-timeout"),
+    ("connect_attempts", "--connect-attempts"),
+    ("idle_timeout", "--idle-timeout"),
+    ("half_close_timeout", "--half-close-timeout"),
+    ("drain_timeout", "--drain-timeout"),
+    ("max_connections", "--max-connections"),
+    ("health.failure_threshold", "--fail-threshold"),
+    ("health.backoff", "--down-backoff"),
+    ("buffer_size", "--buffer-size"),
+    ("replay_limit", "--replay-limit"),
+    ("copy_mode", "--copy-mode"),
+];
+
+/// A configuration error in the command's words: a field is named by the flag that sets it.
+pub fn in_flag_words(e: &ConfigError) -> String {
+    let flag = |field: &str| FLAGS.iter().find(|(f, _)| *f == field).map(|(_, flag)| *flag);
+    match e {
+        ConfigError::NoBackends => "no backends given (use --backends HOST:PORT[@WEIGHT],...)".into(),
+        ConfigError::OutOfRange {
+            field,
+            value,
+            range,
+        } => match flag(field) {
+            Some(flag) => format!("{flag} {value} is out of range ({range})"),
+            None => e.to_string(),
+        },
+        ConfigError::Unsupported { field, value, why } => match flag(field) {
+            Some(flag) => format!("{flag} {value} {why}"),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
     }
 }
 
@@ -421,6 +422,10 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("3x").unwrap_err().contains("'3x'"));
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1").unwrap_err().contains("'-1' is negative"));
+        let huge = parse_duration("2600000000000000h").unwrap_err();
+        assert!(huge.contains("too long"), "{huge}");
+        assert_eq!(parse_duration("24d"), Ok(ulb_tcp::config::MAX_DURATION));
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
-use ulb_tcp::{ShutdownReport, TcpBalancer};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
 mod cli;
 
@@ -70,7 +72,7 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
     let config = match cli.into_config(fd_limit).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ulb-tcp: {e}");
+            eprintln!("ulb-tcp: {}", cli::in_flag_words(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -84,12 +86,12 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
     let backends: Vec<String> = config
         .backends
         .iter()
-        .map(|b| format!("{}={}@{}", b.name, b.addr, b.weight))
+        .map(|b| format!("{}={}@{}", b.id, b.addr, b.weight))
         .collect();
     let balancer = match TcpBalancer::new(config) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("ulb-tcp: {e}");
+            eprintln!("ulb-tcp: {}", cli::in_flag_words(&e));
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -116,6 +118,7 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
         env!("CARGO_PKG_VERSION")
     );
     match listeners.serve(balancer).await {
+        Ok(_) if FORCED.load(Ordering::Relaxed) => ExitCode::from(EXIT_FAILURE),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ulb-tcp: {e}");
@@ -150,10 +153,11 @@ impl Listeners {
     }
 
     async fn serve(self, balancer: TcpBalancer) -> io::Result<ShutdownReport> {
+        let handle = balancer.handle();
         match self {
-            Listeners::One(l) => balancer.serve(l, shutdown_signal()).await,
+            Listeners::One(l) => balancer.serve(l, shutdown_signal(handle)).await,
             #[cfg(target_os = "linux")]
-            Listeners::PerCore(l) => balancer.serve_per_core(l, shutdown_signal()).await,
+            Listeners::PerCore(l) => balancer.serve_per_core(l, shutdown_signal(handle)).await,
         }
     }
 }
@@ -204,14 +208,19 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
     })
 }
 
-/// Resolves on the first SIGINT or SIGTERM; a second one exits the process at once.
-async fn shutdown_signal() {
+/// Set by a second signal: the balancer was stopped at once, and the command exits 1.
+static FORCED: AtomicBool = AtomicBool::new(false);
+
+/// Resolves on the first SIGINT or SIGTERM. A second one resets every connection still open (a client
+/// must never take a cut stream for a complete one) and the command exits 1 as soon as they are closed.
+async fn shutdown_signal(handle: BalancerHandle) {
     ulb_tcp::signal::stop_signal().await;
     tracing::info!("shutdown signal received; draining (send it again to exit at once)");
-    tokio::spawn(async {
+    tokio::spawn(async move {
         ulb_tcp::signal::stop_signal().await;
-        tracing::warn!("second signal; exiting at once");
-        std::process::exit(i32::from(EXIT_FAILURE));
+        tracing::warn!("second signal; resetting the connections still open and exiting");
+        FORCED.store(true, Ordering::Relaxed);
+        handle.force_shutdown();
     });
 }
 

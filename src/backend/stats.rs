@@ -1,0 +1,46 @@
+//! Point-in-time views of backends.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::AdminState;
+
+/// A point-in-time view of one backend, as returned by
+/// [`BalancerHandle::backends`](crate::BalancerHandle::backends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BackendStats {
+    /// The backend's id within its service.
+    pub id: String,
+    /// The address connections go to.
+    pub addr: SocketAddr,
+    /// The configured weight.
+    pub weight: u32,
+    /// The weight the strategies use now.
+    pub effective_weight: u32,
+    /// Ready, drain or maint.
+    pub admin: AdminState,
+    /// True once it has been removed and is draining its last connections.
+    pub removing: bool,
+    /// Connections open to it now (including connects in progress).
+    pub active: usize,
+    /// Connections it has been given (successful connects) since it was added.
+    pub total: u64,
+    /// Connects to it that failed (refused, timed out or other) since it was added.
+    pub connect_failures: u64,
+    /// Bytes carried from clients to it.
+    pub bytes_to_backend: u64,
+    /// Bytes carried from it to clients.
+    pub bytes_to_client: u64,
+    /// False while it is inside a passive-health back-off.
+    pub up: bool,
+    /// How long the back-off still runs, when down.
+    pub down_for: Option<Duration>,
+}
+
+impl BackendStats {
+    /// True when it may be given new connections: ready, not removed, and up.
+    pub fn in_rotation(&self) -> bool {
+        self.admin == AdminState::Ready && !self.removing && self.up
+    }
+}

@@ -1,0 +1,404 @@
+//! Validated configuration: backends, strategy, timeouts and limits.
+//!
+//! Raw input (command-line flags, an embedding program's values) becomes one [`BalancerConfig`];
+//! [`TcpBalancer::new`](crate::TcpBalancer::new) checks it once and everything after trusts it. Every
+//! duration, size and count has a documented range, so that no accepted value can overflow a timer or a
+//! counter later.
+//!
+//! * `backend`: [`BackendConfig`] and [`BackendSpec`], the `HOST:PORT@WEIGHT` form.
+//! * `error`: [`ConfigError`], which names the field and the value.
+
+mod backend;
+mod error;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+pub use crate::health::PassiveHealth;
+use crate::balance::Strategy;
+pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
+pub use error::ConfigError;
+
+/// The largest weight a backend may have (as in HAProxy).
+pub const MAX_WEIGHT: u32 = 256;
+
+/// The longest timeout, back-off or deadline: 24 days (HAProxy's limit is 2^31 ms, 24.8 days). Far
+/// below anything that could overflow a clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 24 * 3600);
+
+/// The largest [`BalancerConfig::replay_limit`]: 16 MiB.
+pub const MAX_REPLAY: usize = 16 << 20;
+
+/// The smallest and largest [`BalancerConfig::buffer_size`]: 512 bytes to 16 MiB.
+pub const BUFFER_SIZES: std::ops::RangeInclusive<usize> = 512..=16 << 20;
+
+/// The largest [`BalancerConfig::max_connections`]: 16 million.
+pub const MAX_CONNECTIONS: usize = 16_000_000;
+
+/// The largest [`BalancerConfig::connect_attempts`].
+pub const MAX_CONNECT_ATTEMPTS: u32 = 64;
+
+/// The largest [`PassiveHealth::failure_threshold`].
+pub const MAX_FAILURE_THRESHOLD: u32 = 1000;
+
+/// The most backends one service may have.
+pub const MAX_BACKENDS: usize = 100_000;
+
+/// Checks a backend's weight, 1..=[`MAX_WEIGHT`].
+pub(crate) fn check_weight(id: &str, weight: u32) -> Result<(), ConfigError> {
+    if weight == 0 || weight > MAX_WEIGHT {
+        return Err(ConfigError::out_of_range(
+            format!("backend '{id}' weight"),
+            weight,
+            format!("1..={MAX_WEIGHT}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a duration against `min..=MAX_DURATION`.
+fn check_duration(field: &str, d: Duration, min: Duration) -> Result<(), ConfigError> {
+    if d < min || d > MAX_DURATION {
+        return Err(ConfigError::out_of_range(
+            field,
+            format!("{d:?}"),
+            format!("{min:?} to {}", "24 days"),
+        ));
+    }
+    Ok(())
+}
+
+/// How bytes are moved between a client and its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum CopyMode {
+    /// `Pooled`, except that on Linux a direction whose read fills the whole buffer (a bulk transfer)
+    /// goes on with `splice(2)`, as in `Splice`. Small exchanges keep the pooled path, which answers them
+    /// with fewer system calls; bulk gets the zero-copy one. The default.
+    #[default]
+    Auto,
+    /// ulb-tcp's own pumps: one per direction, buffers borrowed from a per-thread pool only while data is
+    /// in flight, idle and half-close timeouts enforced.
+    Pooled,
+    /// Linux only: `splice(2)` through a pipe borrowed from a per-thread pool while data is in flight, so
+    /// bytes never enter user space. Same pumps, timeouts and accounting as `Pooled`.
+    Splice,
+    /// Tokio's `copy_bidirectional` with two 8 KiB buffers per connection, held for its whole life. Kept as
+    /// the portable baseline that the benchmarks compare against. Half-close and resets are handled as in
+    /// `Pooled`, but the idle and half-close timeouts are not enforced (only the drain deadline is).
+    Plain,
+}
+
+impl CopyMode {
+    /// `auto`, `pooled`, `splice` or `plain`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyMode::Auto => "auto",
+            CopyMode::Pooled => "pooled",
+            CopyMode::Splice => "splice",
+            CopyMode::Plain => "plain",
+        }
+    }
+}
+
+impl std::fmt::Display for CopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(CopyMode::Auto),
+            "pooled" => Ok(CopyMode::Pooled),
+            "plain" => Ok(CopyMode::Plain),
+            "splice" => Ok(CopyMode::Splice),
+            _ => Err(ConfigError::Unknown {
+                field: "copy mode",
+                value: s.to_string(),
+                expected: "auto, pooled, splice or plain",
+            }),
+        }
+    }
+}
+
+/// Everything a [`TcpBalancer`](crate::TcpBalancer) needs. Build it with [`BalancerConfig::new`] and the
+/// chained setters; every field can also be read, and set, directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BalancerConfig {
+    /// The backends, at least one.
+    pub backends: Vec<BackendConfig>,
+    /// How backends are chosen.
+    pub strategy: Strategy,
+    /// How long one connect to a backend may take (default 3 s).
+    pub connect_timeout: Duration,
+    /// Backends tried per client connection before giving up, each a different one (default 3).
+    pub connect_attempts: u32,
+    /// A connection with no bytes either way for this long is closed on both sides (default 5 min).
+    pub idle_timeout: Duration,
+    /// Once one direction has ended (a FIN was passed on), the other may stay silent this long before
+    /// both are closed (default 30 s; like HAProxy's `timeout client-fin` / `server-fin`).
+    pub half_close_timeout: Duration,
+    /// Connections carried at once; at the limit new clients wait in the kernel's backlog (default 10,000).
+    pub max_connections: usize,
+    /// How long a graceful shutdown waits for connections in flight (default 30 s).
+    pub drain_timeout: Duration,
+    /// Passive health checking.
+    pub health: PassiveHealth,
+    /// Bytes of buffer per direction while data is in flight (default 64 KiB; `Auto` and `Pooled`). Idle
+    /// connections hold none: buffers are borrowed from a per-thread pool only while bytes move.
+    pub buffer_size: usize,
+    /// How bytes are moved (default [`CopyMode::Auto`]).
+    pub copy_mode: CopyMode,
+    /// Replay up to this many bytes of the client's data to another backend when the chosen one closes
+    /// or resets the connection before sending a single byte back (default 0: off).
+    ///
+    /// Until the backend's first byte arrives, the client's bytes are kept (as well as sent); if the
+    /// backend then goes away — it crashed, was killed, or its listen queue was dropped — another backend
+    /// is connected, sent the same bytes (and the client's FIN, if it came) and the client never knows.
+    /// Past the limit, or once the backend has answered, the connection is committed to it.
+    ///
+    /// Off by default because it is only safe when a request that got no answer may be delivered twice:
+    /// a backend that acted on a request and died before replying will see it again on another backend.
+    /// The cluster turns it on (its workers are replicas of one program, and a crashed worker is the
+    /// event it exists to hide). Not with [`CopyMode::Plain`].
+    pub replay_limit: usize,
+    /// Seed for the random and p2c strategies; `None` takes one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl BalancerConfig {
+    /// A configuration with these backends and every default.
+    pub fn new(backends: impl IntoIterator<Item = BackendConfig>) -> Self {
+        BalancerConfig {
+            backends: backends.into_iter().collect(),
+            strategy: Strategy::RoundRobin,
+            connect_timeout: Duration::from_secs(3),
+            connect_attempts: 3,
+            idle_timeout: Duration::from_secs(300),
+            half_close_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+            health: PassiveHealth::default(),
+            buffer_size: 64 * 1024,
+            copy_mode: CopyMode::Auto,
+            replay_limit: 0,
+            seed: None,
+        }
+    }
+
+    /// Sets the strategy.
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+    /// Sets the connect timeout.
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// Sets how many backends one client connection may try.
+    pub fn connect_attempts(mut self, n: u32) -> Self {
+        self.connect_attempts = n;
+        self
+    }
+    /// Sets the idle timeout.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+    /// Sets the half-close timeout.
+    pub fn half_close_timeout(mut self, d: Duration) -> Self {
+        self.half_close_timeout = d;
+        self
+    }
+    /// Sets the connection limit.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+    /// Sets the drain deadline of a graceful shutdown.
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.drain_timeout = d;
+        self
+    }
+    /// Sets the passive health policy.
+    pub fn health(mut self, health: PassiveHealth) -> Self {
+        self.health = health;
+        self
+    }
+    /// Sets the per-direction buffer size.
+    pub fn buffer_size(mut self, bytes: usize) -> Self {
+        self.buffer_size = bytes;
+        self
+    }
+    /// Sets how bytes are moved.
+    pub fn copy_mode(mut self, mode: CopyMode) -> Self {
+        self.copy_mode = mode;
+        self
+    }
+    /// Sets how many of the client's bytes may be replayed to another backend that has not answered yet
+    /// (0 turns replay off; see [`BalancerConfig::replay_limit`]).
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.replay_limit = bytes;
+        self
+    }
+    /// Seeds the random and p2c strategies (for reproducible tests).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Checks every value against its documented range; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.backends.is_empty() {
+            return Err(ConfigError::NoBackends);
+        }
+        if self.backends.len() > MAX_BACKENDS {
+            return Err(ConfigError::out_of_range(
+                "backends",
+                self.backends.len(),
+                format!("1 to {MAX_BACKENDS} per service"),
+            ));
+        }
+        let mut ids = HashSet::with_capacity(self.backends.len());
+        for b in &self.backends {
+            b.validate()?;
+            if !ids.insert(b.id.as_str()) {
+                return Err(ConfigError::DuplicateBackend { id: b.id.clone() });
+            }
+        }
+        let ms = Duration::from_millis(1);
+        check_duration("connect_timeout", self.connect_timeout, ms)?;
+        check_duration("idle_timeout", self.idle_timeout, ms)?;
+        check_duration("half_close_timeout", self.half_close_timeout, ms)?;
+        check_duration("drain_timeout", self.drain_timeout, Duration::ZERO)?;
+        check_duration("health.backoff", self.health.backoff, ms)?;
+        check_duration("health.max_backoff", self.health.max_backoff, ms)?;
+        if !(1..=MAX_CONNECT_ATTEMPTS).contains(&self.connect_attempts) {
+            return Err(ConfigError::out_of_range(
+                "connect_attempts",
+                self.connect_attempts,
+                format!("1..={MAX_CONNECT_ATTEMPTS}"),
+            ));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(ConfigError::out_of_range(
+                "max_connections",
+                self.max_connections,
+                format!("1..={MAX_CONNECTIONS}"),
+            ));
+        }
+        if !(1..=MAX_FAILURE_THRESHOLD).contains(&self.health.failure_threshold) {
+            return Err(ConfigError::out_of_range(
+                "health.failure_threshold",
+                self.health.failure_threshold,
+                format!("1..={MAX_FAILURE_THRESHOLD}"),
+            ));
+        }
+        if !BUFFER_SIZES.contains(&self.buffer_size) {
+            return Err(ConfigError::out_of_range(
+                "buffer_size",
+                self.buffer_size,
+                "512 bytes to 16 MiB",
+            ));
+        }
+        if self.replay_limit > MAX_REPLAY {
+            return Err(ConfigError::out_of_range(
+                "replay_limit",
+                self.replay_limit,
+                "0 to 16 MiB",
+            ));
+        }
+        if self.copy_mode == CopyMode::Splice && !cfg!(target_os = "linux") {
+            return Err(ConfigError::Unsupported {
+                field: "copy_mode",
+                value: "splice".into(),
+                why: "needs Linux",
+            });
+        }
+        if self.replay_limit > 0 && self.copy_mode == CopyMode::Plain {
+            return Err(ConfigError::Unsupported {
+                field: "copy_mode",
+                value: "plain".into(),
+                why: "cannot replay (replay needs copy mode auto, pooled or splice)",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field_and_the_value() {
+        let b = BackendConfig::new("127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            BalancerConfig::new([]).validate(),
+            Err(ConfigError::NoBackends)
+        );
+        let err = BalancerConfig::new([b.clone().with_weight(0)])
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "backend '127.0.0.1:1' weight 0 is out of range (1..=256)"
+        );
+        let err = BalancerConfig::new([b.clone()])
+            .connect_timeout(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().starts_with("connect_timeout 0ns is out of range"), "{err}");
+        let replay = BalancerConfig::new([b.clone()]).replay_limit(64 << 10);
+        assert!(replay.clone().validate().is_ok());
+        let err = replay.clone().copy_mode(CopyMode::Plain).validate();
+        assert!(err.unwrap_err().to_string().contains("'plain'"));
+        let err = replay.replay_limit(17 << 20).validate();
+        assert!(err.unwrap_err().to_string().contains("17825792"));
+    }
+
+    #[test]
+    fn a_duplicate_backend_is_refused() {
+        let b = BackendConfig::new("127.0.0.1:1".parse().unwrap());
+        let err = BalancerConfig::new([b.clone(), b.clone().with_weight(2)])
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::DuplicateBackend {
+                id: "127.0.0.1:1".into()
+            }
+        );
+        // The same address under two ids is two backends.
+        let two = BalancerConfig::new([b.clone(), b.with_id("again")]);
+        assert!(two.validate().is_ok());
+    }
+
+    #[test]
+    fn every_duration_is_bounded() {
+        let b = BackendConfig::new("127.0.0.1:1".parse().unwrap());
+        let huge = Duration::from_secs(2_600_000_000_000_000 * 3600);
+        let configs = [
+            BalancerConfig::new([b.clone()]).idle_timeout(huge),
+            BalancerConfig::new([b.clone()]).half_close_timeout(huge),
+            BalancerConfig::new([b.clone()]).drain_timeout(huge),
+            BalancerConfig::new([b.clone()]).connect_timeout(huge),
+            BalancerConfig::new([b.clone()]).health(PassiveHealth::new(3, huge, huge)),
+        ];
+        for c in configs {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("out of range (") && err.contains("24 days"), "{err}");
+        }
+        let at_max = BalancerConfig::new([b])
+            .idle_timeout(MAX_DURATION)
+            .half_close_timeout(MAX_DURATION)
+            .drain_timeout(MAX_DURATION)
+            .connect_timeout(MAX_DURATION);
+        assert!(at_max.validate().is_ok());
+    }
+}

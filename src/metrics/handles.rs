@@ -1,0 +1,112 @@
+//! The handles the hot path records through, registered once per backend or per balancer.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+
+use super::{
+    ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_UP, BACKEND_WEIGHT, BYTES_TOTAL,
+    CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL, CONNECTION_DURATION_SECONDS,
+    CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL, DIRECTION_BACKEND_TO_CLIENT,
+    DIRECTION_CLIENT_TO_BACKEND, NO_BACKEND_TOTAL,
+};
+
+/// Per-backend handles, registered once.
+#[derive(Debug)]
+pub(crate) struct BackendMetrics {
+    connections: Counter,
+    active: Gauge,
+    pub(crate) bytes_to_backend: Counter,
+    pub(crate) bytes_to_client: Counter,
+    refused: Counter,
+    timeout: Counter,
+    other: Counter,
+    unanswered: Counter,
+    connect_duration: Histogram,
+    up: Gauge,
+    weight: Gauge,
+}
+
+impl BackendMetrics {
+    pub(crate) fn register(backend: &str) -> Self {
+        let b = || ("backend", backend.to_string());
+        let errors = |reason: ConnectFailure| {
+            counter!(
+                CONNECT_ERRORS_TOTAL,
+                &[b(), ("reason", reason.as_str().to_string())]
+            )
+        };
+        BackendMetrics {
+            connections: counter!(CONNECTIONS_TOTAL, &[b()]),
+            active: gauge!(CONNECTIONS_ACTIVE, &[b()]),
+            bytes_to_backend: counter!(
+                BYTES_TOTAL,
+                &[b(), ("direction", DIRECTION_CLIENT_TO_BACKEND.to_string())]
+            ),
+            bytes_to_client: counter!(
+                BYTES_TOTAL,
+                &[b(), ("direction", DIRECTION_BACKEND_TO_CLIENT.to_string())]
+            ),
+            refused: errors(ConnectFailure::Refused),
+            timeout: errors(ConnectFailure::Timeout),
+            other: errors(ConnectFailure::Other),
+            unanswered: errors(ConnectFailure::Unanswered),
+            connect_duration: histogram!(CONNECT_DURATION_SECONDS, &[b()]),
+            up: gauge!(BACKEND_UP, &[b()]),
+            weight: gauge!(BACKEND_WEIGHT, &[b()]),
+        }
+    }
+
+    pub(crate) fn active_up(&self) {
+        self.active.increment(1.0);
+    }
+    pub(crate) fn active_down(&self) {
+        self.active.decrement(1.0);
+    }
+    pub(crate) fn connected(&self) {
+        self.connections.increment(1);
+    }
+    pub(crate) fn connected_in(&self, d: Duration) {
+        self.connect_duration.record(d.as_secs_f64());
+    }
+    pub(crate) fn connect_failed(&self, why: ConnectFailure) {
+        match why {
+            ConnectFailure::Refused => &self.refused,
+            ConnectFailure::Timeout => &self.timeout,
+            ConnectFailure::Other => &self.other,
+            ConnectFailure::Unanswered => &self.unanswered,
+        }
+        .increment(1);
+    }
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.set(if up { 1.0 } else { 0.0 });
+    }
+    pub(crate) fn set_weight(&self, w: u32) {
+        self.weight.set(f64::from(w));
+    }
+}
+
+/// Handles that do not depend on a backend.
+#[derive(Debug)]
+pub(crate) struct GlobalMetrics {
+    pub(crate) no_backend: Counter,
+    pub(crate) accept_errors: Counter,
+    pub(crate) rejected_no_backend: Counter,
+    pub(crate) rejected_connect_failed: Counter,
+    pub(crate) rejected_local_resources: Counter,
+    pub(crate) connection_duration: Histogram,
+}
+
+impl GlobalMetrics {
+    pub(crate) fn register() -> Self {
+        GlobalMetrics {
+            no_backend: counter!(NO_BACKEND_TOTAL),
+            accept_errors: counter!(ACCEPT_ERRORS_TOTAL),
+            rejected_no_backend: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "no_backend"),
+            rejected_connect_failed: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "connect_failed"),
+            rejected_local_resources: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "local_resources"),
+            connection_duration: histogram!(CONNECTION_DURATION_SECONDS),
+        }
+    }
+}
+
