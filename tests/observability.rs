@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -881,208 +882,6 @@ async fn metrics_match_client_tallies_exactly() {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Minimal JSON (dashboard, Prometheus API answers)
-// ---------------------------------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, PartialEq)]
-enum Json {
-    Null,
-    Bool(bool),
-    Num(f64),
-    Str(String),
-    Arr(Vec<Json>),
-    Obj(Vec<(String, Json)>),
-}
-
-impl Json {
-    fn parse(s: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            b: s.as_bytes(),
-            i: 0,
-        };
-        let v = p.value()?;
-        p.ws();
-        if p.i != p.b.len() {
-            return Err(format!("trailing text at byte {}", p.i));
-        }
-        Ok(v)
-    }
-
-    fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Obj(fields) => fields.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    fn str_at(&self, key: &str) -> Option<&str> {
-        match self.get(key) {
-            Some(Json::Str(s)) => Some(s),
-            _ => None,
-        }
-    }
-
-    fn arr_at(&self, key: &str) -> &[Json] {
-        match self.get(key) {
-            Some(Json::Arr(a)) => a,
-            _ => &[],
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.b.len() && self.b[self.i].is_ascii_whitespace() {
-            self.i += 1;
-        }
-    }
-
-    fn peek(&self) -> Result<u8, String> {
-        self.b
-            .get(self.i)
-            .copied()
-            .ok_or_else(|| "unexpected end of JSON".to_string())
-    }
-
-    fn expect(&mut self, c: u8) -> Result<(), String> {
-        self.ws();
-        if self.peek()? != c {
-            return Err(format!("expected {:?} at byte {}", c as char, self.i));
-        }
-        self.i += 1;
-        Ok(())
-    }
-
-    fn value(&mut self) -> Result<Json, String> {
-        self.ws();
-        match self.peek()? {
-            b'{' => {
-                self.i += 1;
-                let mut fields = Vec::new();
-                self.ws();
-                if self.peek()? == b'}' {
-                    self.i += 1;
-                    return Ok(Json::Obj(fields));
-                }
-                loop {
-                    self.ws();
-                    let k = self.string()?;
-                    self.expect(b':')?;
-                    fields.push((k, self.value()?));
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b'}' => {
-                            self.i += 1;
-                            return Ok(Json::Obj(fields));
-                        }
-                        c => return Err(format!("unexpected {:?} in object", c as char)),
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                let mut items = Vec::new();
-                self.ws();
-                if self.peek()? == b']' {
-                    self.i += 1;
-                    return Ok(Json::Arr(items));
-                }
-                loop {
-                    items.push(self.value()?);
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Ok(Json::Arr(items));
-                        }
-                        c => return Err(format!("unexpected {:?} in array", c as char)),
-                    }
-                }
-            }
-            b'"' => Ok(Json::Str(self.string()?)),
-            b't' => self.literal("true", Json::Bool(true)),
-            b'f' => self.literal("false", Json::Bool(false)),
-            b'n' => self.literal("null", Json::Null),
-            _ => {
-                let start = self.i;
-                while self.i < self.b.len() && b"+-0123456789.eE".contains(&self.b[self.i]) {
-                    self.i += 1;
-                }
-                let text =
-                    std::str::from_utf8(&self.b[start..self.i]).map_err(|e| e.to_string())?;
-                text.parse()
-                    .map(Json::Num)
-                    .map_err(|_| format!("bad number {text:?} at byte {start}"))
-            }
-        }
-    }
-
-    fn literal(&mut self, word: &str, v: Json) -> Result<Json, String> {
-        if self.b[self.i..].starts_with(word.as_bytes()) {
-            self.i += word.len();
-            Ok(v)
-        } else {
-            Err(format!("bad literal at byte {}", self.i))
-        }
-    }
-
-    fn hex4(&mut self) -> Result<u32, String> {
-        let h = self.b.get(self.i..self.i + 4).ok_or("short \\u escape")?;
-        let h = std::str::from_utf8(h).map_err(|e| e.to_string())?;
-        self.i += 4;
-        u32::from_str_radix(h, 16).map_err(|e| e.to_string())
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        self.expect(b'"')?;
-        let mut out = Vec::new();
-        loop {
-            let c = self.peek()?;
-            self.i += 1;
-            match c {
-                b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
-                b'\\' => {
-                    let e = self.peek()?;
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let mut code = self.hex4()?;
-                            if (0xD800..0xDC00).contains(&code)
-                                && self.b[self.i..].starts_with(b"\\u")
-                            {
-                                self.i += 2;
-                                let low = self.hex4()?;
-                                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                            }
-                            char::from_u32(code).unwrap_or('\u{FFFD}')
-                        }
-                        other => return Err(format!("bad escape \\{}", other as char)),
-                    };
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
-                _ => out.push(c),
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // The dashboard and the alert rules, as files
 // ---------------------------------------------------------------------------------------------------------
 
@@ -1091,16 +890,21 @@ const ALERTS: &str = "grafana/alerts.yml";
 const DATASOURCES: &str = "grafana/provisioning/datasources/prometheus.yaml";
 const DASHBOARD_PROVIDER: &str = "grafana/provisioning/dashboards/ulb-tcp.yaml";
 
+/// The elements of a JSON array; none for anything else (a missing key indexes to `null`).
+fn items(v: &Json) -> &[Json] {
+    v.as_array().map_or(&[], Vec::as_slice)
+}
+
 /// Every panel, rows' nested panels included.
 fn all_panels(dashboard: &Json) -> Vec<&Json> {
     fn walk<'a>(panels: &'a [Json], out: &mut Vec<&'a Json>) {
         for p in panels {
             out.push(p);
-            walk(p.arr_at("panels"), out);
+            walk(items(&p["panels"]), out);
         }
     }
     let mut out = Vec::new();
-    walk(dashboard.arr_at("panels"), &mut out);
+    walk(items(&dashboard["panels"]), &mut out);
     out
 }
 
@@ -1108,10 +912,10 @@ fn all_panels(dashboard: &Json) -> Vec<&Json> {
 fn dashboard_exprs(dashboard: &Json) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for p in all_panels(dashboard) {
-        for t in p.arr_at("targets") {
-            if let Some(expr) = t.str_at("expr") {
+        for t in items(&p["targets"]) {
+            if let Some(expr) = t["expr"].as_str() {
                 out.push((
-                    p.str_at("title").unwrap_or("?").to_string(),
+                    p["title"].as_str().unwrap_or("?").to_string(),
                     expr.to_string(),
                 ));
             }
@@ -1210,47 +1014,40 @@ fn substitute(expr: &str, rate_interval: &str) -> String {
 
 #[test]
 fn dashboard_and_alerts_are_well_formed() {
-    let dash = Json::parse(&read_repo_file(DASHBOARD)).expect("the dashboard is valid JSON");
-    let schema = match dash.get("schemaVersion") {
-        Some(Json::Num(n)) => *n,
-        other => panic!("schemaVersion: {other:?}"),
-    };
+    let dash: Json =
+        serde_json::from_str(&read_repo_file(DASHBOARD)).expect("the dashboard is valid JSON");
+    let schema = dash["schemaVersion"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("schemaVersion: {:?}", dash["schemaVersion"]));
     assert!(
         schema >= 36.0,
         "schemaVersion {schema} is older than Grafana 10"
     );
-    assert!(dash.str_at("uid").is_some() && dash.str_at("title").is_some());
+    assert!(dash["uid"].is_string() && dash["title"].is_string());
 
     // Variables: a Prometheus datasource picker and a multi-select backend with All.
-    let vars = dash
-        .get("templating")
-        .map(|t| t.arr_at("list"))
-        .unwrap_or(&[]);
+    let vars = items(&dash["templating"]["list"]);
     let var = |name: &str| {
         vars.iter()
-            .find(|v| v.str_at("name") == Some(name))
+            .find(|v| v["name"].as_str() == Some(name))
             .unwrap_or_else(|| panic!("no template variable {name:?}"))
     };
     let ds = var("datasource");
-    assert_eq!(ds.str_at("type"), Some("datasource"));
-    assert_eq!(ds.str_at("query"), Some("prometheus"));
+    assert_eq!(ds["type"].as_str(), Some("datasource"));
+    assert_eq!(ds["query"].as_str(), Some("prometheus"));
     let backend = var("backend");
-    assert_eq!(backend.str_at("type"), Some("query"));
+    assert_eq!(backend["type"].as_str(), Some("query"));
     assert_eq!(
-        backend.str_at("definition"),
+        backend["definition"].as_str(),
         Some("label_values(ulb_backend_up, backend)")
     );
-    assert_eq!(backend.get("multi"), Some(&Json::Bool(true)));
-    assert_eq!(backend.get("includeAll"), Some(&Json::Bool(true)));
-    assert_eq!(
-        backend.get("datasource").and_then(|d| d.str_at("uid")),
-        Some("${datasource}")
-    );
+    assert_eq!(backend["multi"].as_bool(), Some(true));
+    assert_eq!(backend["includeAll"].as_bool(), Some(true));
+    assert_eq!(backend["datasource"]["uid"].as_str(), Some("${datasource}"));
 
     // The datasource variable's default is the provisioned data source.
-    let default_ds = ds
-        .get("current")
-        .and_then(|c| c.str_at("value"))
+    let default_ds = ds["current"]["value"]
+        .as_str()
         .expect("datasource variable default");
     let provisioned = read_repo_file(DATASOURCES);
     assert!(
@@ -1265,25 +1062,25 @@ fn dashboard_and_alerts_are_well_formed() {
     let panels = all_panels(&dash);
     let mut ids = std::collections::BTreeSet::new();
     for p in &panels {
-        let title = p.str_at("title").unwrap_or("?");
-        match p.get("id") {
-            Some(Json::Num(id)) => assert!(ids.insert(*id as i64), "duplicate panel id {id}"),
-            other => panic!("panel {title:?} has id {other:?}"),
+        let title = p["title"].as_str().unwrap_or("?");
+        match p["id"].as_f64() {
+            Some(id) => assert!(ids.insert(id as i64), "duplicate panel id {id}"),
+            None => panic!("panel {title:?} has id {:?}", p["id"]),
         }
         assert!(p.get("gridPos").is_some(), "panel {title:?} has no gridPos");
-        if p.str_at("type") == Some("row") {
+        if p["type"].as_str() == Some("row") {
             continue;
         }
-        let uid = p.get("datasource").and_then(|d| d.str_at("uid"));
+        let uid = p["datasource"]["uid"].as_str();
         assert_eq!(uid, Some("${datasource}"), "panel {title:?}");
         assert!(
-            !p.arr_at("targets").is_empty(),
+            !items(&p["targets"]).is_empty(),
             "panel {title:?} has no target"
         );
-        for t in p.arr_at("targets") {
-            let uid = t.get("datasource").and_then(|d| d.str_at("uid"));
+        for t in items(&p["targets"]) {
+            let uid = t["datasource"]["uid"].as_str();
             assert_eq!(uid, Some("${datasource}"), "a target of panel {title:?}");
-            let expr = t.str_at("expr").unwrap_or_default();
+            let expr = t["expr"].as_str().unwrap_or_default();
             assert!(!expr.is_empty(), "a target of panel {title:?} has no expr");
             if expr.contains("rate(") || expr.contains("increase(") {
                 assert!(
@@ -1302,13 +1099,13 @@ fn dashboard_and_alerts_are_well_formed() {
     ] {
         let r = panels
             .iter()
-            .find(|p| p.str_at("type") == Some("row") && p.str_at("title") == Some(row))
+            .find(|p| p["type"].as_str() == Some("row") && p["title"].as_str() == Some(row))
             .unwrap_or_else(|| panic!("no row {row:?}"));
-        let nested = r.arr_at("panels");
+        let nested = items(&r["panels"]);
         assert!(!nested.is_empty(), "row {row:?} has no panels");
         for p in nested {
-            for t in p.arr_at("targets") {
-                let expr = t.str_at("expr").unwrap_or_default();
+            for t in items(&p["targets"]) {
+                let expr = t["expr"].as_str().unwrap_or_default();
                 assert!(expr.contains(prefix), "row {row:?}: {expr}");
             }
         }
@@ -1470,32 +1267,23 @@ async fn prom_query(prom: SocketAddr, expr: &str) -> Result<Vec<Json>, String> {
     let (status, body) = http_get(prom, &target, "HTTP/1.1")
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
-    let json =
-        Json::parse(&body).map_err(|e| format!("status {status}, bad JSON ({e}): {body}"))?;
-    if json.str_at("status") != Some("success") {
+    let json: Json = serde_json::from_str(&body)
+        .map_err(|e| format!("status {status}, bad JSON ({e}): {body}"))?;
+    if json["status"].as_str() != Some("success") {
         return Err(format!(
             "status {status}: {}: {}",
-            json.str_at("errorType").unwrap_or("?"),
-            json.str_at("error").unwrap_or(&body)
+            json["errorType"].as_str().unwrap_or("?"),
+            json["error"].as_str().unwrap_or(&body)
         ));
     }
-    Ok(json
-        .get("data")
-        .map(|d| d.arr_at("result").to_vec())
-        .unwrap_or_default())
+    Ok(items(&json["data"]["result"]).to_vec())
 }
 
 /// The sample values of an instant vector (or a scalar's one value).
 fn result_values(result: &[Json]) -> Vec<f64> {
     result
         .iter()
-        .filter_map(|r| match r.get("value") {
-            Some(Json::Arr(v)) => match v.get(1) {
-                Some(Json::Str(s)) => s.parse().ok(),
-                _ => None,
-            },
-            _ => None,
-        })
+        .filter_map(|r| r["value"][1].as_str()?.parse().ok())
         .collect()
 }
 
@@ -1566,7 +1354,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
         }
     }
 
-    let dash = Json::parse(&read_repo_file(DASHBOARD)).expect("dashboard JSON");
+    let dash: Json = serde_json::from_str(&read_repo_file(DASHBOARD)).expect("dashboard JSON");
     let mut queries: Vec<(String, String, bool)> = Vec::new();
     for (title, expr) in dashboard_exprs(&dash) {
         // Traffic series exist from the first scrape: their panels must show data.
@@ -1616,31 +1404,28 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
         let (_, body) = http_get(prom.addr, "/api/v1/rules", "HTTP/1.1")
             .await
             .expect("GET /api/v1/rules");
-        let json = Json::parse(&body).expect("rules JSON");
-        let rules: Vec<&Json> = json
-            .get("data")
-            .map(|d| d.arr_at("groups"))
-            .unwrap_or(&[])
+        let json: Json = serde_json::from_str(&body).expect("rules JSON");
+        let rules: Vec<&Json> = items(&json["data"]["groups"])
             .iter()
-            .flat_map(|g| g.arr_at("rules"))
+            .flat_map(|g| items(&g["rules"]))
             .collect();
         let unhealthy: Vec<String> = rules
             .iter()
-            .filter(|r| r.str_at("health") != Some("ok"))
+            .filter(|r| r["health"].as_str() != Some("ok"))
             .map(|r| {
                 format!(
                     "{}: health {:?} {:?}",
-                    r.str_at("name").unwrap_or("?"),
-                    r.str_at("health"),
-                    r.str_at("lastError")
+                    r["name"].as_str().unwrap_or("?"),
+                    r["health"].as_str(),
+                    r["lastError"].as_str()
                 )
             })
             .collect();
         let down_alert = rules.iter().any(|r| {
-            r.str_at("name") == Some("UlbBackendDown")
-                && r.arr_at("alerts").iter().any(|a| {
-                    a.get("labels").and_then(|l| l.str_at("backend")) == Some(dead_name.as_str())
-                })
+            r["name"].as_str() == Some("UlbBackendDown")
+                && items(&r["alerts"])
+                    .iter()
+                    .any(|a| a["labels"]["backend"].as_str() == Some(dead_name.as_str()))
         });
         if rules.len() == 6 && unhealthy.is_empty() && down_alert {
             break;
