@@ -29,6 +29,7 @@ use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use yaml_rust2::{Yaml, YamlLoader};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ulb-tcp");
 /// How long any one wait (process start, metric values, a client exchange) may take.
@@ -924,46 +925,31 @@ fn dashboard_exprs(dashboard: &Json) -> Vec<(String, String)> {
     out
 }
 
-/// (alert name, expr) for every rule of the rules file: `expr: one line` or a `|`/`>` block scalar.
+/// The one YAML document in `text`; panics naming `what` if it is not valid YAML.
+fn yaml_doc(text: &str, what: &str) -> Yaml {
+    let mut docs = YamlLoader::load_from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(docs.len(), 1, "{what}: {} YAML documents", docs.len());
+    docs.remove(0)
+}
+
+/// The elements of a YAML sequence; none for anything else (a missing key indexes to a bad value).
+fn yaml_items(v: &Yaml) -> &[Yaml] {
+    v.as_vec().map_or(&[], Vec::as_slice)
+}
+
+/// (alert or record name, expr) for every rule of a Prometheus rules file.
 fn alert_exprs(yaml: &str) -> Vec<(String, String)> {
-    let lines: Vec<&str> = yaml.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start().len();
+    let doc = yaml_doc(yaml, ALERTS);
     let mut out = Vec::new();
-    let mut name = String::from("?");
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        let t = line.trim_start().trim_start_matches("- ");
-        if let Some(n) = t
-            .strip_prefix("alert:")
-            .or_else(|| t.strip_prefix("record:"))
-        {
-            name = n.trim().trim_matches(['"', '\'']).to_string();
+    for group in yaml_items(&doc["groups"]) {
+        for rule in yaml_items(&group["rules"]) {
+            let name = rule["alert"].as_str().or(rule["record"].as_str());
+            let name = name.unwrap_or("?").to_string();
+            let expr = rule["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("rule {name}: no expr string"));
+            out.push((name, expr.trim().to_string()));
         }
-        if let Some(v) = t.strip_prefix("expr:") {
-            let v = v.trim();
-            if v.starts_with('|') || v.starts_with('>') {
-                let mut block = Vec::new();
-                while i + 1 < lines.len()
-                    && (lines[i + 1].trim().is_empty() || indent(lines[i + 1]) > indent(line))
-                {
-                    i += 1;
-                    block.push(lines[i].trim());
-                }
-                let sep = if v.starts_with('|') { "\n" } else { " " };
-                out.push((name.clone(), block.join(sep).trim().to_string()));
-            } else {
-                let v = if (v.starts_with('"') && v.ends_with('"'))
-                    || (v.starts_with('\'') && v.ends_with('\''))
-                {
-                    &v[1..v.len() - 1]
-                } else {
-                    v
-                };
-                out.push((name.clone(), v.to_string()));
-            }
-        }
-        i += 1;
     }
     out
 }
@@ -1049,14 +1035,20 @@ fn dashboard_and_alerts_are_well_formed() {
     let default_ds = ds["current"]["value"]
         .as_str()
         .expect("datasource variable default");
-    let provisioned = read_repo_file(DATASOURCES);
+    let provisioned = yaml_doc(&read_repo_file(DATASOURCES), DATASOURCES);
     assert!(
-        provisioned
-            .lines()
-            .any(|l| l.trim() == format!("uid: {default_ds}")),
+        yaml_items(&provisioned["datasources"])
+            .iter()
+            .any(|d| d["uid"].as_str() == Some(default_ds)),
         "{DATASOURCES} has no data source with uid {default_ds}"
     );
-    assert!(read_repo_file(DASHBOARD_PROVIDER).contains("type: file"));
+    let providers = yaml_doc(&read_repo_file(DASHBOARD_PROVIDER), DASHBOARD_PROVIDER);
+    assert!(
+        yaml_items(&providers["providers"])
+            .iter()
+            .any(|p| p["type"].as_str() == Some("file")),
+        "{DASHBOARD_PROVIDER} has no provider of type file"
+    );
 
     // Every panel and every target uses ${datasource}; ids are unique; rate windows are $__rate_interval.
     let panels = all_panels(&dash);
@@ -1455,15 +1447,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
 }
 
 #[test]
-fn alert_expressions_are_extracted() {
-    let yaml = "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up == 0\n      - alert: B\n        expr: |\n          sum(x)\n          > 1\n        for: 1m\n";
-    assert_eq!(
-        alert_exprs(yaml),
-        [
-            ("A".to_string(), "up == 0".to_string()),
-            ("B".to_string(), "sum(x)\n> 1".to_string())
-        ]
-    );
+fn metric_names_are_extracted() {
     assert_eq!(
         metric_names("sum(rate(ulb_a_total[5m])) / x_ulb_b + ulb_c_bucket"),
         ["ulb_a_total", "ulb_c_bucket"]
