@@ -25,6 +25,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{header, Request, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -218,81 +223,37 @@ async fn start_balancer(backends: &[SocketAddr], extra: &[&str]) -> Balancer {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Hand-written HTTP client
+// HTTP client
 // ---------------------------------------------------------------------------------------------------------
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut body: &[u8]) -> io::Result<Vec<u8>> {
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-    let mut out = Vec::new();
-    loop {
-        let eol = find(body, b"\r\n").ok_or_else(|| bad("chunk size line"))?;
-        let line = std::str::from_utf8(&body[..eol]).map_err(|_| bad("chunk size utf-8"))?;
-        let hex = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(hex, 16).map_err(|_| bad("chunk size"))?;
-        body = &body[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if body.len() < size + 2 {
-            return Err(bad("truncated chunk"));
-        }
-        out.extend_from_slice(&body[..size]);
-        body = &body[size + 2..];
-    }
-}
-
-/// `GET target` with the given HTTP version and `Connection: close`; returns the status and the body.
-async fn http_get(addr: SocketAddr, target: &str, version: &str) -> io::Result<(u16, String)> {
+/// `GET target` from `addr` with the given HTTP/1.x version and `Connection: close`; returns the status
+/// and the body. Bounded by 10 s.
+async fn http_get(
+    addr: SocketAddr,
+    target: &str,
+    version: Version,
+) -> Result<(u16, String), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let req = Request::get(format!("http://{addr}{target}"))
+        .version(version)
+        .header(header::USER_AGENT, "ulb-tcp-tests")
+        .header(header::CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| format!("request: {e}"))?;
     let exchange = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let req = format!(
-            "GET {target} {version}\r\nHost: {addr}\r\nUser-Agent: ulb-tcp-tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        io::Result::Ok(buf)
+        let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let status = res.status().as_u16();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    let buf = tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "HTTP exchange timed out"))??;
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-    let split = find(&buf, b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&buf[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| bad("no status"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = &buf[split + 4..];
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+        .map_err(|_| "HTTP exchange timed out".to_string())?
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -386,7 +347,7 @@ impl Scrape {
 }
 
 async fn scrape(metrics: SocketAddr) -> Result<String, String> {
-    match http_get(metrics, "/metrics", "HTTP/1.0").await {
+    match http_get(metrics, "/metrics", Version::HTTP_10).await {
         Ok((200, body)) => Ok(body),
         Ok((status, body)) => Err(format!("GET /metrics: status {status}: {body}")),
         Err(e) => Err(format!("GET /metrics: {e}")),
@@ -1242,9 +1203,17 @@ async fn start_prometheus(dir: &TempDir, config: &Path) -> Prometheus {
             dir.path().join(format!("prometheus-{attempt}.log")),
         );
         let ready = proc
-            .wait_ready("prometheus", attempt, Duration::from_millis(50), |_| async move {
-                matches!(http_get(addr, "/-/ready", "HTTP/1.1").await, Ok((200, _)))
-            })
+            .wait_ready(
+                "prometheus",
+                attempt,
+                Duration::from_millis(50),
+                |_| async move {
+                    matches!(
+                        http_get(addr, "/-/ready", Version::HTTP_11).await,
+                        Ok((200, _))
+                    )
+                },
+            )
             .await;
         if ready {
             return Prometheus { proc, addr };
@@ -1255,8 +1224,11 @@ async fn start_prometheus(dir: &TempDir, config: &Path) -> Prometheus {
 
 /// An instant query's answer: Ok(result array) on "status":"success", Err(the error text) otherwise.
 async fn prom_query(prom: SocketAddr, expr: &str) -> Result<Vec<Json>, String> {
-    let target = format!("/api/v1/query?query={}", url_encode(expr));
-    let (status, body) = http_get(prom, &target, "HTTP/1.1")
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("query", expr)
+        .finish();
+    let target = format!("/api/v1/query?{query}");
+    let (status, body) = http_get(prom, &target, Version::HTTP_11)
         .await
         .map_err(|e| format!("HTTP: {e}"))?;
     let json: Json = serde_json::from_str(&body)
@@ -1393,7 +1365,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
     // The rules file loaded, every rule evaluates cleanly, and the dead backend's alert is on its way.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, body) = http_get(prom.addr, "/api/v1/rules", "HTTP/1.1")
+        let (_, body) = http_get(prom.addr, "/api/v1/rules", Version::HTTP_11)
             .await
             .expect("GET /api/v1/rules");
         let json: Json = serde_json::from_str(&body).expect("rules JSON");
@@ -1452,5 +1424,4 @@ fn metric_names_are_extracted() {
         metric_names("sum(rate(ulb_a_total[5m])) / x_ulb_b + ulb_c_bucket"),
         ["ulb_a_total", "ulb_c_bucket"]
     );
-    assert_eq!(url_encode("a b{c=\"d\"}"), "a%20b%7Bc%3D%22d%22%7D");
 }
