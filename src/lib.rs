@@ -123,7 +123,9 @@ pub mod bench_support {
             .map(|(i, &w)| {
                 let port = 1 + (i % 65_000) as u16;
                 let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-                BackendConfig::new(addr).with_id(format!("b{i}")).with_weight(w)
+                BackendConfig::new(addr)
+                    .with_id(format!("b{i}"))
+                    .with_weight(w)
             })
             .collect()
     }

@@ -224,7 +224,11 @@ impl Registry {
 
     /// Waits until the removed `backends` have no connection left, resetting those still open at
     /// `deadline` (capped at [`MAX_DURATION`]), then forgets them.
-    pub(crate) async fn drain(&self, backends: Vec<Arc<Backend>>, deadline: Duration) -> DrainReport {
+    pub(crate) async fn drain(
+        &self,
+        backends: Vec<Arc<Backend>>,
+        deadline: Duration,
+    ) -> DrainReport {
         let started = Instant::now();
         let until = tokio::time::Instant::now() + deadline.min(MAX_DURATION);
         let mut on_time = true;

@@ -834,9 +834,7 @@ mod tests {
     fn concurrent_updates_are_made_exact_by_one_sweep() {
         let bs = backends((0..300).map(|i| 1 + (i % 2) as u32));
         let tree = LoadTree::attach(&bs).unwrap();
-        let held: Vec<_> = (0..150)
-            .map(|i| Held::new(bs[i * 2].clone()))
-            .collect();
+        let held: Vec<_> = (0..150).map(|i| Held::new(bs[i * 2].clone())).collect();
         std::thread::scope(|s| {
             for seed in 0..4u64 {
                 let (bs, tree) = (&bs, &tree);

@@ -86,7 +86,11 @@ impl<B: Candidate> Table<B> {
     /// Builds the snapshot of `entries` (in this order) for `strategy`, weighted by their effective
     /// weights. With `previous`, the table it replaces: round robin goes on from where that one stood.
     /// A least-connections table points every entry's [`LoadSlot`] at its own tree (or at none).
-    pub(crate) fn new(strategy: Strategy, entries: Vec<Arc<B>>, previous: Option<&Table<B>>) -> Self {
+    pub(crate) fn new(
+        strategy: Strategy,
+        entries: Vec<Arc<B>>,
+        previous: Option<&Table<B>>,
+    ) -> Self {
         let weights: Vec<u32> = entries.iter().map(|b| b.weight().max(1)).collect();
         let schedule = smooth_schedule(&weights).into_boxed_slice();
         let tree = match strategy {
@@ -658,7 +662,9 @@ mod tests {
     fn round_robin_keeps_its_position_through_a_rebuild() {
         let bs = backends(&[1, 1, 1]);
         let sel = Sel::new(Strategy::RoundRobin, &bs, 1);
-        let first: Vec<usize> = (0..2).map(|_| index_of(&bs, &sel.pick(&[]).unwrap())).collect();
+        let first: Vec<usize> = (0..2)
+            .map(|_| index_of(&bs, &sel.pick(&[]).unwrap()))
+            .collect();
         assert_eq!(first, [0, 1]);
         // A fourth backend joins: the rotation goes on with the third, not back to the first.
         let mut more = bs.clone();

@@ -43,7 +43,8 @@ impl BackendConfig {
 
     /// Checks the id and the weight.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.chars().any(char::is_control) {
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.chars().any(char::is_control)
+        {
             return Err(ConfigError::out_of_range(
                 "backend id",
                 format!("'{}'", self.id.escape_debug()),

@@ -14,8 +14,8 @@ mod error;
 use std::collections::HashSet;
 use std::time::Duration;
 
-pub use crate::health::PassiveHealth;
 use crate::balance::Strategy;
+pub use crate::health::PassiveHealth;
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
 pub use error::ConfigError;
 
@@ -353,7 +353,11 @@ mod tests {
             .connect_timeout(Duration::ZERO)
             .validate()
             .unwrap_err();
-        assert!(err.to_string().starts_with("connect_timeout 0ns is out of range"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("connect_timeout 0ns is out of range"),
+            "{err}"
+        );
         let replay = BalancerConfig::new([b.clone()]).replay_limit(64 << 10);
         assert!(replay.clone().validate().is_ok());
         let err = replay.clone().copy_mode(CopyMode::Plain).validate();
@@ -392,7 +396,10 @@ mod tests {
         ];
         for c in configs {
             let err = c.validate().unwrap_err().to_string();
-            assert!(err.contains("out of range (") && err.contains("24 days"), "{err}");
+            assert!(
+                err.contains("out of range (") && err.contains("24 days"),
+                "{err}"
+            );
         }
         let at_max = BalancerConfig::new([b])
             .idle_timeout(MAX_DURATION)

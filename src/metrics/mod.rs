@@ -158,7 +158,6 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
     Ok(())
 }
 
-
 /// Describes the blocking pool's metrics (HELP lines).
 pub(crate) fn describe_pool() {
     describe_gauge!(POOL_JOBS_RUNNING, "Blocking pool jobs running now.");

@@ -258,4 +258,3 @@ impl std::fmt::Display for End {
         }
     }
 }
-

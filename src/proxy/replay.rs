@@ -132,4 +132,3 @@ fn is_retryable(e: &io::Error) -> bool {
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
 }
-

@@ -203,4 +203,3 @@ impl TcpBalancer {
         per_core::serve(self.shared, listeners, shutdown).await
     }
 }
-

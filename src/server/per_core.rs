@@ -32,7 +32,6 @@ use super::accept::on_accept;
 use super::drain::drain;
 use super::{Shared, ShutdownReport, MAX_THREADS};
 
-
 /// One listening socket per thread, all bound to the same address with `SO_REUSEPORT`, ready for
 /// [`TcpBalancer::serve_per_core`](crate::TcpBalancer::serve_per_core).
 ///

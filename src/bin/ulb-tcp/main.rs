@@ -6,9 +6,9 @@ use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
