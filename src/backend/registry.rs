@@ -209,6 +209,8 @@ impl Registry {
     /// Marks a member removed and keeps it among the leaving ones until it has drained.
     fn retire(&self, members: &mut Members, backend: Arc<Backend>) {
         backend.mark_removed();
+        // It is in no table from now on: its guards need not keep any tree up to date.
+        backend.load_slot().set(None);
         tracing::info!(backend = %backend.who(), active = backend.active(), "backend removed; draining");
         self.events.send(BackendEvent::Removed {
             id: backend.id().clone(),

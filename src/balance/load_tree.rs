@@ -257,6 +257,9 @@ impl LoadSlot {
 
     /// Points the slot at a new tree's leaf (or at none).
     pub(crate) fn set(&self, link: Option<Arc<LoadLink>>) {
+        if link.is_none() && !self.linked.load(Relaxed) {
+            return; // a table without a tree over a backend that had none: nothing to store
+        }
         self.linked.store(link.is_some(), Relaxed);
         self.link.store(link);
     }
