@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare ulb-tcp with a direct connection and with HAProxy (mode tcp), on loopback, in one run.
 
-    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--out BENCHMARKS.md]
+    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--only S2,S3] [--out BENCHMARKS.md]
 
 Scenarios (each measured for every target, interleaved: for round: for scenario: for target):
   S1 bulk throughput, iperf3, 1 and 4 streams, both directions (Gbit/s)
@@ -10,20 +10,26 @@ Scenarios (each measured for every target, interleaved: for round: for scenario:
   S4 latency p50/p99/p99.9 at a fixed rate through an echo server (examples/latency_probe.rs)
   S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
+`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'keep-alive'.
 
 Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
 plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
 `--runtime` that is not the default, if the binary has the flag), one row per `--variant`, HAProxy 2.6 mode tcp in
 several variants (1/2 threads, splice on/off). `--skip` leaves targets out. Each balancer is started fresh for every single measurement and stopped after it.
+The target order rotates: in round r (from 1) the targets start at position r - 1, so that no target always
+follows `direct` (that position lost about 8% of its connection rate).
+
+Figures: medians over rounds with their spread; ratios to direct and to HAProxy's best variant, unpaired
+(median / median) and paired (per round, ulb-tcp / the HAProxy variant with the best median over the run,
+in that same round: median of the per-round ratios with min-max).
 
 Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process started is stopped and
 waited for, and the temporary directory is removed, also on errors and Ctrl-C. A failed measurement is
 reported (scenario, target, round, reason) and shown as "fail"; the others go on.
 
-Installs haproxy, nginx, wrk and iperf3 from Debian when missing and running as root. Builds ulb-tcp and the
-probe in release (`cargo build --release --bin ulb-tcp --example latency_probe`, honouring
-CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a concurrent rebuild cannot swap
-them in the middle of a run.
+Installs haproxy, nginx, wrk and iperf3 from Debian when missing and running as root. Builds ulb-tcp and the probe in release (`cargo build --release --bin ulb-tcp --example
+latency_probe`, honouring CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a
+concurrent rebuild cannot swap them in the middle of a run.
 """
 
 import argparse
@@ -256,14 +262,15 @@ def wait_listening(procs, p, port, timeout=10.0):
 
 
 def ensure_tools():
+    # tool -> Debian package
     needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3"}
-    missing = [pkg for tool, pkg in needed.items() if not tool_path(tool)]
+    missing = sorted({pkg for tool, pkg in needed.items() if not tool_path(tool)})
     if missing:
         if os.geteuid() != 0:
             sys.exit(f"compare.py: missing tools {', '.join(missing)}; install them (apt-get install -y {' '.join(missing)})")
         log(f"installing {' '.join(missing)} from Debian")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "haproxy", "nginx", "wrk", "iperf3"]):
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y"] + missing):
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"compare.py: {shlex.join(cmd)} failed ({r.returncode}): {tail(r.stderr)}")
@@ -525,35 +532,47 @@ def s1_iperf(env, target, streams, reverse, want_cpu):
 
 
 WRK_RPS = re.compile(r"Requests/sec:\s*([\d.]+)")
+WRK_REQS = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b")
 WRK_ERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 
-def s_wrk(env, target, close):
+def wrk_cmd(env, port, threads, close):
+    cmd = [tool_path("wrk"), f"-t{threads}", "-c50", f"-d{env.args.seconds}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    return cmd + [f"http://127.0.0.1:{port}/"]
+
+
+def parse_wrk(r):
+    """(requests/s, requests completed, notes) from a finished wrk; raises Failure."""
+    m = WRK_RPS.search(r.stdout)
+    n = WRK_REQS.search(r.stdout)
+    if r.returncode != 0 or not m or not n:
+        raise Failure(f"wrk exited {r.returncode}: {tail(r.stderr or r.stdout)}")
+    rps, reqs = float(m.group(1)), int(n.group(1))
+    notes = []
+    e = WRK_ERR.search(r.stdout)
+    if e:
+        c, rd, w, t = map(int, e.groups())
+        # With "Connection: close" wrk counts nothing as an error for a clean close; anything here is real.
+        if c + rd + w + t:
+            notes.append(f"socket errors connect {c} read {rd} write {w} timeout {t}")
+    x = WRK_NON2XX.search(r.stdout)
+    if x and int(x.group(1)):
+        notes.append(f"{x.group(1)} non-2xx responses")
+    if rps <= 0 or reqs <= 0:
+        raise Failure(f"wrk measured 0 requests/s: {tail(r.stdout)}")
+    return rps, reqs, notes
+
+
+def s_wrk(env, target, close, threads):
+    """requests/s of `wrk -tN -c50`."""
     bport = env.backend("nginx")
     port, bal = target.start(env, bport)
     try:
-        cmd = [tool_path("wrk"), "-t2", "-c50", f"-d{env.args.seconds}s"]
-        if close:
-            cmd += ["-H", "Connection: close"]
-        cmd.append(f"http://127.0.0.1:{port}/")
-        r = run(cmd, timeout=env.args.seconds + 30)
-        m = WRK_RPS.search(r.stdout)
-        if r.returncode != 0 or not m:
-            raise Failure(f"wrk exited {r.returncode}: {tail(r.stderr or r.stdout)}")
-        rps = float(m.group(1))
-        notes = []
-        e = WRK_ERR.search(r.stdout)
-        if e:
-            c, rd, w, t = map(int, e.groups())
-            # With "Connection: close" wrk counts nothing as an error for a clean close; anything here is real.
-            if c + rd + w + t:
-                notes.append(f"socket errors connect {c} read {rd} write {w} timeout {t}")
-        n = WRK_NON2XX.search(r.stdout)
-        if n and int(n.group(1)):
-            notes.append(f"{n.group(1)} non-2xx responses")
-        if rps <= 0:
-            raise Failure(f"wrk measured 0 requests/s: {tail(r.stdout)}")
+        r = run(wrk_cmd(env, port, threads, close), timeout=env.args.seconds + 30)
+        rps, reqs, notes = parse_wrk(r)
         if bal is not None and bal.poll() is not None:
             raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
         return {"rps": rps, "_notes": notes}
@@ -621,24 +640,42 @@ def s5_memory(env, target):
             env.procs.stop(bal)
 
 
-# Columns: (key, header, unit, higher is better, scenario that produces it, metric)
-COLUMNS = [
-    ("s1_1f", "S1 1 stream Gbit/s", True),
-    ("s1_1r", "S1 1 stream -R Gbit/s", True),
-    ("s1_4f", "S1 4 streams Gbit/s", True),
-    ("s1_4r", "S1 4 streams -R Gbit/s", True),
-    ("s2", "S2 conn/s (close)", True),
-    ("s3", "S3 req/s (keep-alive)", True),
-    ("s4_p50", "S4 p50 µs", False),
-    ("s4_p99", "S4 p99 µs", False),
-    ("s4_p999", "S4 p99.9 µs", False),
-    ("s5", "S5 KiB/conn", False),
-    ("s6", "S6 CPU s/GB", False),
+# Columns: (key, header, higher is better, table). Tables group the columns in the report.
+TABLES = [
+    ("rates", "S1–S3: throughput and request rates"),
+    ("lat", "S4–S6: latency, memory per connection, CPU per GB"),
 ]
+COLUMNS = [
+    ("s1_1f", "S1 1 stream Gbit/s", True, "rates"),
+    ("s1_1r", "S1 1 stream -R Gbit/s", True, "rates"),
+    ("s1_4f", "S1 4 streams Gbit/s", True, "rates"),
+    ("s1_4r", "S1 4 streams -R Gbit/s", True, "rates"),
+    ("s2_t2", "S2 -t2 conn/s (close)", True, "rates"),
+    ("s3_t2", "S3 -t2 req/s (keep-alive)", True, "rates"),
+    ("s4_p50", "S4 p50 µs", False, "lat"),
+    ("s4_p99", "S4 p99 µs", False, "lat"),
+    ("s4_p999", "S4 p99.9 µs", False, "lat"),
+    ("s5", "S5 KiB/conn", False, "lat"),
+    ("s6", "S6 CPU s/GB", False, "lat"),
+]
+COLUMN = {k: (h, higher, table) for k, h, higher, table in COLUMNS}
+ADDED = ("s4_p50", "s4_p99", "s4_p999")  # shown with the added latency (target minus direct, same round)
+
+
+class Scenario:
+    """name (for --only), fn(target) -> {column key: value}, the columns it fills, those it fills only behind a
+    balancer (n/a for direct), and which targets it runs for."""
+
+    def __init__(self, name, fn, keys, balancer_keys=(), applies=None):
+        self.name, self.fn, self.keys, self.balancer_keys = name, fn, keys, set(balancer_keys)
+        self.applies = applies or (lambda t: True)
+
+    def expected(self, t):
+        return [k for k in self.keys if not (t.kind == "direct" and k in self.balancer_keys)]
 
 
 def scenarios(env):
-    """(scenario name, function(target) -> {column key: value})"""
+    a = env.args
 
     def iperf(streams, rev, key):
         def f(t):
@@ -650,9 +687,9 @@ def scenarios(env):
 
         return f
 
-    def wrk(close, key):
+    def wrk(close, threads, key):
         def f(t):
-            r = s_wrk(env, t, close)
+            r = s_wrk(env, t, close, threads)
             return {key: r["rps"], "_notes": r["_notes"]}
 
         return f
@@ -663,31 +700,27 @@ def scenarios(env):
 
     def mem(t):
         r = s5_memory(env, t)
-        return {"s5": r["kib_per_conn"]} if r else {}
+        return {"s5": r["kib_per_conn"]}
 
     return [
-        ("S1 iperf3 1 stream", iperf(1, False, "s1_1f")),
-        ("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r")),
-        ("S1 iperf3 4 streams", iperf(4, False, "s1_4f")),
-        ("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r")),
-        ("S2 wrk Connection: close", wrk(True, "s2")),
-        ("S3 wrk keep-alive", wrk(False, "s3")),
-        ("S4 latency_probe load", lat),
-        ("S5 latency_probe hold", mem),
+        Scenario("S1 iperf3 1 stream", iperf(1, False, "s1_1f"), ["s1_1f", "s6"], ["s6"]),
+        Scenario("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r"), ["s1_1r"]),
+        Scenario("S1 iperf3 4 streams", iperf(4, False, "s1_4f"), ["s1_4f"]),
+        Scenario("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r"), ["s1_4r"]),
+        Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2"), ["s2_t2"]),
+        Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2"), ["s3_t2"]),
+        Scenario("S4 latency_probe load", lat, ["s4_p50", "s4_p99", "s4_p999"]),
+        Scenario("S5 latency_probe hold", mem, ["s5"], applies=lambda t: t.kind != "direct"),
     ]
 
 
-# Which columns each scenario is expected to fill, for the "fail" marks.
-SCENARIO_KEYS = {
-    "S1 iperf3 1 stream": ["s1_1f", "s6"],
-    "S1 iperf3 1 stream -R": ["s1_1r"],
-    "S1 iperf3 4 streams": ["s1_4f"],
-    "S1 iperf3 4 streams -R": ["s1_4r"],
-    "S2 wrk Connection: close": ["s2"],
-    "S3 wrk keep-alive": ["s3"],
-    "S4 latency_probe load": ["s4_p50", "s4_p99", "s4_p999"],
-    "S5 latency_probe hold": ["s5"],
-}
+def select_scenarios(scens, only):
+    """--only/--scenarios: comma-separated; a scenario is kept when a word is a prefix of its name or, from 3
+    letters on, appears in it (case-insensitive): 'S1,S3', 'keep-alive'."""
+    words = [w.strip().lower() for w in only.split(",") if w.strip()]
+    keep = [s for s in scens if any(s.name.lower().startswith(w) or (len(w) >= 3 and w in s.name.lower()) for w in words)]
+    return keep
+
 
 # ----------------------------------------------------------------------------------------------------------
 # report
@@ -696,39 +729,48 @@ SCENARIO_KEYS = {
 def fmt(v, key):
     if v is None:
         return "n/a"
-    if key.startswith("s1"):
+    if key.startswith("s1") or key in ("s5", "s6"):
         return f"{v:.2f}"
-    if key in ("s2", "s3"):
+    if key.startswith(("s2", "s3")):
         return f"{v:,.0f}"
-    if key == "s6":
-        return f"{v:.2f}"
-    if key == "s5":
-        return f"{v:.2f}"
     return f"{v:.1f}"
+
+
+def added_fmt(v, key):
+    return ("+" if v >= 0 else "−") + fmt(abs(v), key)
+
+
+def ratio_fmt(v):
+    return f"{v:.2f}×"
 
 
 class Results:
     def __init__(self, targets):
         self.targets = targets
-        self.values = {t.name: {k: [] for k, _, _ in COLUMNS} for t in targets}
-        self.added = {t.name: {k: [] for k in ("s4_p50", "s4_p99", "s4_p999")} for t in targets}
-        self.failed = {t.name: {k: [] for k, _, _ in COLUMNS} for t in targets}
+        self.values = {t.name: {k: {} for k in COLUMN} for t in targets}  # name -> key -> {round: value}
+        self.failed = {t.name: {k: [] for k in COLUMN} for t in targets}  # name -> key -> [rounds]
         self.failures = []  # (round, scenario, target, reason)
-        self.notes = []
+        self.notes = []  # (round, scenario, target, note)
+
+    def vals(self, name, key):
+        return list(self.values.get(name, {}).get(key, {}).values())
 
     def median(self, name, key):
-        vals = self.values.get(name, {}).get(key)
-        return statistics.median(vals) if vals else None
+        v = self.vals(name, key)
+        return statistics.median(v) if v else None
 
-    def cell(self, name, key, spread=False, target_kind=None):
-        vals = self.values[name][key]
+    def added(self, name, key):
+        """Target minus direct in the same round."""
+        mine, base = self.values[name][key], self.values.get("direct", {}).get(key, {})
+        return [v - base[r] for r, v in mine.items() if r in base]
+
+    def cell(self, name, key, spread=False):
+        vals = self.vals(name, key)
         if not vals:
-            if self.failed[name][key]:
-                return "fail"
-            return "n/a"
+            return "fail" if self.failed[name][key] else "n/a"
         s = fmt(statistics.median(vals), key)
-        if key.startswith("s4") and name != "direct" and self.added[name][key]:
-            s += f" (+{fmt(statistics.median(self.added[name][key]), key)})"
+        if key in ADDED and name != "direct" and self.added(name, key):
+            s += f" ({added_fmt(statistics.median(self.added(name, key)), key)})"
         if spread and len(vals) > 1:
             s += f" [{fmt(min(vals), key)}–{fmt(max(vals), key)}]"
         if self.failed[name][key]:
@@ -741,6 +783,17 @@ class Results:
         if not cands:
             return None, None
         return (max if higher else min)(cands)
+
+    def paired(self, name, key):
+        """(HAProxy variant with the best median for this figure, [this target ÷ it, for each round both have])."""
+        _, ref = self.best("HAProxy", key, COLUMN[key][1])
+        if ref is None:
+            return None, []
+        mine, theirs = self.values[name][key], self.values[ref][key]
+        return ref, [v / theirs[r] for r, v in sorted(mine.items()) if theirs.get(r)]
+
+    def has_data(self, key):
+        return any(self.values[t.name][key] or self.failed[t.name][key] for t in self.targets)
 
 
 def report(res, targets, plain, header, args, elapsed):
@@ -757,66 +810,98 @@ def report(res, targets, plain, header, args, elapsed):
         "All on loopback (127.0.0.1), client, balancer and backend on the same machine, so they compete for the\n"
         "same cores: these are relative figures for this machine, not capacity planning numbers. Each\n"
         "measurement starts its balancer fresh and stops it afterwards; rounds interleave every scenario and\n"
-        "target (for round: for scenario: for target), and each cell is the median over rounds.\n"
+        "target (for round: for scenario: for target), and each cell is the median over rounds. The target order\n"
+        "rotates: in round r (from 1) the targets start at position r − 1 of the list, so that no target always\n"
+        "runs right after `direct` (that position was measured to lose about 8% of the connection rate).\n"
     )
-    out.append(f"- **S1** iperf3 `-t {args.seconds}` to an iperf3 server, 1 and 4 streams (`-P 4`), client→server and `-R`; Gbit/s received. iperf3's control connection goes through the balancer too.")
-    out.append(f"- **S2** `wrk -t2 -c50 -d{args.seconds}s -H \"Connection: close\"` against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
-    out.append(f"- **S3** `wrk -t2 -c50 -d{args.seconds}s` keep-alive against the same nginx; requests/s.")
-    out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {args.seconds} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
+    s = args.seconds
+    out.append(f"- **S1** iperf3 `-t {s}` to an iperf3 server, 1 and 4 streams (`-P 4`), client→server and `-R`; Gbit/s received. iperf3's control connection goes through the balancer too.")
+    out.append(f"- **S2** `wrk -t2 -c50 -d{s}s -H \"Connection: close\"` against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
+    out.append(f"- **S3** `wrk -t2 -c50 -d{s}s` keep-alive against the same nginx; requests/s.")
+    out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {s} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
     out.append(f"- **S5** `latency_probe hold`: {args.hold:,} connections opened through a fresh balancer to the echo server, each verified with a 4-byte echo, then held idle; (balancer RSS after − before) / {args.hold:,}, KiB per connection. HAProxy: sum over its processes. Kernel socket memory is not in RSS and not counted.")
     out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
     out.append("")
-    out.append("Higher is better for S1–S3, lower for S4–S6.\n")
+    out.append("Higher is better for S1–S3, lower for the others. **Paired ratios**: for each figure, HAProxy's best variant is the one with the best median over the run; in every round, the ulb-tcp row ÷ that variant's value in the same round; the median of these per-round ratios with their min–max. The unpaired ratios (median ÷ median) are there too.\n")
 
-    def row(name, label=None, spread=False):
-        return "| " + " | ".join([label or name] + [res.cell(name, k, spread) for k, _, _ in COLUMNS]) + " |"
-
-    hdr = "| target | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-
-    out.append("## Summary (medians)\n")
-    out.append(hdr)
-    out.append(sep)
     present = {t.name for t in targets}
     main_names = [n for n in ["direct", "ulb-tcp"] + list(plain) if n in present]
-    for n in main_names:
-        out.append(row(n))
-    hap = []
-    for k, _, higher in COLUMNS:
-        v, who = res.best("HAProxy", k, higher)
-        if v is None:
-            anyfail = any(res.failed[t.name][k] for t in targets if t.group == "HAProxy")
-            hap.append("fail" if anyfail else "n/a")
-        else:
-            s = fmt(v, k)
-            if k.startswith("s4") and res.added[who][k]:
-                s += f" (+{fmt(statistics.median(res.added[who][k]), k)})"
-            hap.append(f"{s} ({who.replace('HAProxy ', '')})")
-    out.append("| HAProxy best | " + " | ".join(hap) + " |")
-    out.append("")
-    out.append("HAProxy best: the best median among its variants for each column, the variant in brackets "
-               "(`1t`/`2t` = `nbthread`, `splice` = `option splice-request` + `option splice-response`).\n")
+    ulb_names = [n for n in main_names if n != "direct"]
 
-    out.append("## Ratios\n")
-    out.append("Median over median; for S1–S3 above 1 means ulb-tcp is faster, for S4–S6 below 1 means it uses less.\n")
-    out.append(hdr)
-    out.append(sep)
-    for n in [n for n in main_names if n != "direct"]:
-        for ref_label, ref in (("direct", "direct"), ("HAProxy best", None)):
+    def tables(title, rows_fn, note=None):
+        out.append(f"## {title}\n")
+        if note:
+            out.append(note + "\n")
+        for tkey, ttitle in TABLES:
+            keys = [k for k, _, _, table in COLUMNS if table == tkey and res.has_data(k)]
+            if not keys:
+                continue
+            rows = [r for r in rows_fn(keys, tkey) if any(c not in ("n/a",) for c in r[1:])]
+            if not rows:
+                continue
+            out.append(f"### {ttitle}\n")
+            out.append("| target | " + " | ".join(COLUMN[k][0] for k in keys) + " |")
+            out.append("|---|" + "---:|" * len(keys))
+            for r in rows:
+                out.append("| " + " | ".join(r) + " |")
+            out.append("")
+
+    def summary_rows(keys, tkey):
+        rows = [[n] + [res.cell(n, k) for k in keys] for n in main_names]
+        hap = []
+        for k in keys:
+            v, who = res.best("HAProxy", k, COLUMN[k][1])
+            if v is None:
+                anyfail = any(res.failed[t.name][k] for t in targets if t.group == "HAProxy")
+                hap.append("fail" if anyfail else "n/a")
+            else:
+                c = fmt(v, k)
+                if k in ADDED and res.added(who, k):
+                    c += f" ({added_fmt(statistics.median(res.added(who, k)), k)})"
+                hap.append(f"{c} ({who.replace('HAProxy ', '')})")
+        return rows + [["HAProxy best"] + hap]
+
+    tables("Summary (medians)", summary_rows,
+           "HAProxy best: the best median among its variants for each column, the variant in brackets "
+           "(`1t`/`2t` = `nbthread`, `splice` = `option splice-request` + `option splice-response`).")
+
+    def ratio_rows(keys, tkey):
+        rows = []
+        for n in ulb_names:
+            for ref_label, ref in (("direct", "direct"), ("HAProxy best", None)):
+                cells = []
+                for k in keys:
+                    a = res.median(n, k)
+                    b = res.median(ref, k) if ref else res.best("HAProxy", k, COLUMN[k][1])[0]
+                    cells.append(ratio_fmt(a / b) if a is not None and b else "n/a")
+                rows.append([f"{n} ÷ {ref_label}"] + cells)
+        return rows
+
+    tables("Ratios (unpaired: median ÷ median)", ratio_rows,
+           "For rates above 1 means ulb-tcp is faster; for latency, memory and CPU per GB below 1 means it uses less.")
+
+    def paired_rows(keys, tkey):
+        rows = [["HAProxy variant used"] + [(res.paired("ulb-tcp", k)[0] or "n/a").replace("HAProxy ", "") for k in keys]]
+        for n in ulb_names:
             cells = []
-            for k, _, higher in COLUMNS:
-                a = res.median(n, k)
-                b = res.median(ref, k) if ref else res.best("HAProxy", k, higher)[0]
-                cells.append(f"{a / b:.2f}×" if a is not None and b else "n/a")
-            out.append(f"| {n} ÷ {ref_label} | " + " | ".join(cells) + " |")
-    out.append("")
+            for k in keys:
+                _, ratios = res.paired(n, k)
+                if not ratios:
+                    cells.append("n/a")
+                    continue
+                c = ratio_fmt(statistics.median(ratios))
+                if len(ratios) > 1:
+                    c += f" [{ratio_fmt(min(ratios))}–{ratio_fmt(max(ratios))}]"
+                cells.append(c + f" n={len(ratios)}")
+            rows.append([f"{n} ÷ HAProxy best"] + cells)
+        return rows
 
-    out.append("## Every target, median [min–max over rounds]\n")
-    out.append(hdr)
-    out.append(sep)
-    for t in targets:
-        out.append(row(t.name, spread=True))
-    out.append("")
+    tables("Paired ratios: per round, ÷ HAProxy's best variant of the same round", paired_rows,
+           "Median of the per-round ratios [min–max], n = rounds in which both were measured. The variant is the "
+           "one with the best median over the run for that figure, used in every round.")
+
+    tables("Every target, median [min–max over rounds]",
+           lambda keys, tkey: [[t.name] + [res.cell(t.name, k, spread=True) for k in keys] for t in targets])
 
     out.append("## Failures and notes\n")
     if not res.failures and not res.notes:
@@ -882,12 +967,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each running every scenario for every target (default 3)")
     ap.add_argument("--seconds", type=int, default=4, help="seconds per throughput/rate/latency measurement (default 4)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections")
     ap.add_argument("--out", help="write the Markdown report here (default: print only)")
     ap.add_argument("--hold", type=int, help="connections held for S5 (default 10000, fewer if the open-file limit cannot hold them)")
     ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
-    ap.add_argument("--only", help="comma-separated scenario prefixes to run, e.g. S1,S4 (default all)")
+    ap.add_argument("--only", "--scenarios", dest="only", metavar="LIST",
+                    help="comma-separated scenarios to run: name prefixes or, from 3 letters on, words in the name, "
+                         "e.g. 'S1,S4', 'S2,S3', 'keep-alive' (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                     help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
                          "'1 thread=--threads 1'; repeatable")
@@ -924,50 +1012,60 @@ def main():
         targets, plain = make_targets(bins, args.quick, args.variant, skip)
         header = machine_header(args, plain, sock_note)
         env = Env(tmp, procs, bins, args)
-        for kind in ("nginx", "iperf3", "echo"):
-            env.backend(kind)
         res = Results(targets)
         scens = scenarios(env)
         if args.only:
-            prefixes = [p.strip() for p in args.only.split(",") if p.strip()]
-            scens = [s for s in scens if any(s[0].startswith(p) for p in prefixes)]
-        log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios")
+            scens = select_scenarios(scens, args.only)
+            if not scens:
+                ap.error(f"--only {args.only!r} selects no scenario")
+        # Start only the backends the chosen scenarios use.
+        uses = {"S1": "iperf3", "S2": "nginx", "S3": "nginx", "S4": "echo", "S5": "echo"}
+        for kind in sorted({uses[sc.name[:2]] for sc in scens}):
+            env.backend(kind)
+        log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios "
+            f"({', '.join(sc.name for sc in scens)})")
+
+        spent = {}  # scenario family ("S1", ...) -> seconds
         try:
             for rnd in range(1, args.rounds + 1):
-                for scen, fn in scens:
-                    direct_lat = None
-                    for t in targets:
-                        try:
-                            vals = fn(t)
-                        except Failure as e:
-                            log(f"FAIL round {rnd} {scen} {t.name}: {e}")
-                            res.failures.append((rnd, scen, t.name, str(e)))
-                            for k in SCENARIO_KEYS[scen]:
-                                if not (k == "s6" and t.kind == "direct") and not (k == "s5" and t.kind == "direct"):
-                                    res.failed[t.name][k].append(rnd)
+                off = (rnd - 1) % len(targets)
+                order = targets[off:] + targets[:off]
+                log(f"round {rnd}: target order {', '.join(t.name for t in order)}")
+                for sc in scens:
+                    for t in order:
+                        if not sc.applies(t):
                             continue
-                        except Exception as e:  # a bug or an unexpected output: keep going with the others
-                            log(f"FAIL round {rnd} {scen} {t.name}: unexpected {type(e).__name__}: {e}")
-                            res.failures.append((rnd, scen, t.name, f"unexpected {type(e).__name__}: {e}"))
-                            for k in SCENARIO_KEYS[scen]:
+                        t0 = time.monotonic()
+                        try:
+                            vals = sc.fn(t)
+                        except Failure as e:
+                            spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
+                            log(f"FAIL round {rnd} {sc.name} {t.name}: {e}")
+                            res.failures.append((rnd, sc.name, t.name, str(e)))
+                            for k in sc.expected(t):
                                 res.failed[t.name][k].append(rnd)
                             continue
+                        except Exception as e:  # a bug or an unexpected output: keep going with the others
+                            spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
+                            log(f"FAIL round {rnd} {sc.name} {t.name}: unexpected {type(e).__name__}: {e}")
+                            res.failures.append((rnd, sc.name, t.name, f"unexpected {type(e).__name__}: {e}"))
+                            for k in sc.expected(t):
+                                res.failed[t.name][k].append(rnd)
+                            continue
+                        spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
                         for note in vals.pop("_notes", []):
-                            res.notes.append((rnd, scen, t.name, note))
+                            res.notes.append((rnd, sc.name, t.name, note))
                         for k, v in vals.items():
                             if v is not None:
-                                res.values[t.name][k].append(v)
-                        if scen.startswith("S4"):
-                            if t.kind == "direct":
-                                direct_lat = vals
-                            elif direct_lat is not None:
-                                for k in ("s4_p50", "s4_p99", "s4_p999"):
-                                    res.added[t.name][k].append(vals[k] - direct_lat[k])
-                        shown = ", ".join(f"{k}={fmt(v, k)}" for k, v in vals.items())
-                        log(f"round {rnd} {scen} {t.name}: {shown or 'n/a'}")
+                                res.values[t.name][k][rnd] = v
+                        shown = ", ".join(f"{k}={fmt(v, k)}" for k, v in vals.items() if v is not None)
+                        log(f"round {rnd} {sc.name} {t.name}: {shown or 'n/a'}")
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: reporting what was measured so far")
+        if spent:
+            header.append(("time per scenario", ", ".join(f"{k} {v:.0f} s" for k, v in sorted(spent.items()))
+                           + f" (all measurements {sum(spent.values()) / 60:.1f} min)"))
         header.append(("load average at end", " ".join(open("/proc/loadavg").read().split()[:3])))
         text = report(res, targets, plain, header, args, time.monotonic() - started)
         if interrupted:
