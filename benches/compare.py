@@ -5,12 +5,14 @@
 
 Scenarios (each measured for every target, interleaved: for round: for scenario: for target):
   S1 bulk throughput, iperf3, 1 and 4 streams, both directions (Gbit/s)
-  S2 connection rate, wrk with "Connection: close" against nginx (requests/s)
-  S3 keep-alive request rate, wrk, 50 connections, against nginx (requests/s)
+  S2 connection rate, wrk -t1 and -t2 with "Connection: close" against nginx (requests/s), and the
+     balancer's CPU per connection
+  S3 keep-alive request rate, wrk -t1 and -t2, 50 connections, against nginx (requests/s), and the
+     balancer's CPU per request
   S4 latency p50/p99/p99.9 at a fixed rate through an echo server (examples/latency_probe.rs)
   S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
-`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'keep-alive'.
+`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'keep-alive', 'S2 wrk -t1'.
 
 Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
 plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
@@ -567,15 +569,21 @@ def parse_wrk(r):
 
 
 def s_wrk(env, target, close, threads):
-    """requests/s of `wrk -tN -c50`."""
+    """requests/s of `wrk -tN -c50`, and the balancer's CPU µs per request (all its threads, utime+stime
+    read from /proc around the run; with Connection: close one request is one connection)."""
     bport = env.backend("nginx")
     port, bal = target.start(env, bport)
     try:
+        cpu0 = cpu_seconds(bal.pid) if bal else None
         r = run(wrk_cmd(env, port, threads, close), timeout=env.args.seconds + 30)
+        cpu1 = cpu_seconds(bal.pid) if bal else None
         rps, reqs, notes = parse_wrk(r)
         if bal is not None and bal.poll() is not None:
             raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
-        return {"rps": rps, "_notes": notes}
+        out = {"rps": rps, "_notes": notes}
+        if bal is not None:
+            out["cpu_us"] = (cpu1 - cpu0) * 1e6 / reqs
+        return out
     finally:
         if bal is not None:
             env.procs.stop(bal)
@@ -644,19 +652,26 @@ def s5_memory(env, target):
 TABLES = [
     ("rates", "S1–S3: throughput and request rates"),
     ("lat", "S4–S6: latency, memory per connection, CPU per GB"),
+    ("cpu", "Balancer CPU per connection and per request (µs)"),
 ]
 COLUMNS = [
     ("s1_1f", "S1 1 stream Gbit/s", True, "rates"),
     ("s1_1r", "S1 1 stream -R Gbit/s", True, "rates"),
     ("s1_4f", "S1 4 streams Gbit/s", True, "rates"),
     ("s1_4r", "S1 4 streams -R Gbit/s", True, "rates"),
+    ("s2_t1", "S2 -t1 conn/s (close)", True, "rates"),
     ("s2_t2", "S2 -t2 conn/s (close)", True, "rates"),
+    ("s3_t1", "S3 -t1 req/s (keep-alive)", True, "rates"),
     ("s3_t2", "S3 -t2 req/s (keep-alive)", True, "rates"),
     ("s4_p50", "S4 p50 µs", False, "lat"),
     ("s4_p99", "S4 p99 µs", False, "lat"),
     ("s4_p999", "S4 p99.9 µs", False, "lat"),
     ("s5", "S5 KiB/conn", False, "lat"),
     ("s6", "S6 CPU s/GB", False, "lat"),
+    ("cpu_conn_t1", "per conn, S2 -t1", False, "cpu"),
+    ("cpu_conn_t2", "per conn, S2 -t2", False, "cpu"),
+    ("cpu_req_t1", "per req, S3 -t1", False, "cpu"),
+    ("cpu_req_t2", "per req, S3 -t2", False, "cpu"),
 ]
 COLUMN = {k: (h, higher, table) for k, h, higher, table in COLUMNS}
 ADDED = ("s4_p50", "s4_p99", "s4_p999")  # shown with the added latency (target minus direct, same round)
@@ -687,10 +702,10 @@ def scenarios(env):
 
         return f
 
-    def wrk(close, threads, key):
+    def wrk(close, threads, key, cpu_key):
         def f(t):
             r = s_wrk(env, t, close, threads)
-            return {key: r["rps"], "_notes": r["_notes"]}
+            return {key: r["rps"], cpu_key: r.get("cpu_us"), "_notes": r["_notes"]}
 
         return f
 
@@ -707,8 +722,10 @@ def scenarios(env):
         Scenario("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r"), ["s1_1r"]),
         Scenario("S1 iperf3 4 streams", iperf(4, False, "s1_4f"), ["s1_4f"]),
         Scenario("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r"), ["s1_4r"]),
-        Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2"), ["s2_t2"]),
-        Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2"), ["s3_t2"]),
+        Scenario("S2 wrk -t1 Connection: close", wrk(True, 1, "s2_t1", "cpu_conn_t1"), ["s2_t1", "cpu_conn_t1"], ["cpu_conn_t1"]),
+        Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2", "cpu_conn_t2"), ["s2_t2", "cpu_conn_t2"], ["cpu_conn_t2"]),
+        Scenario("S3 wrk -t1 keep-alive", wrk(False, 1, "s3_t1", "cpu_req_t1"), ["s3_t1", "cpu_req_t1"], ["cpu_req_t1"]),
+        Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2", "cpu_req_t2"), ["s3_t2", "cpu_req_t2"], ["cpu_req_t2"]),
         Scenario("S4 latency_probe load", lat, ["s4_p50", "s4_p99", "s4_p999"]),
         Scenario("S5 latency_probe hold", mem, ["s5"], applies=lambda t: t.kind != "direct"),
     ]
@@ -716,7 +733,7 @@ def scenarios(env):
 
 def select_scenarios(scens, only):
     """--only/--scenarios: comma-separated; a scenario is kept when a word is a prefix of its name or, from 3
-    letters on, appears in it (case-insensitive): 'S1,S3', 'keep-alive'."""
+    letters on, appears in it (case-insensitive): 'S1,S3', 'keep-alive', '-t1'."""
     words = [w.strip().lower() for w in only.split(",") if w.strip()]
     keep = [s for s in scens if any(s.name.lower().startswith(w) or (len(w) >= 3 and w in s.name.lower()) for w in words)]
     return keep
@@ -729,7 +746,7 @@ def select_scenarios(scens, only):
 def fmt(v, key):
     if v is None:
         return "n/a"
-    if key.startswith("s1") or key in ("s5", "s6"):
+    if key.startswith("s1") or key in ("s5", "s6") or key.startswith("cpu"):
         return f"{v:.2f}"
     if key.startswith(("s2", "s3")):
         return f"{v:,.0f}"
@@ -816,11 +833,12 @@ def report(res, targets, plain, header, args, elapsed):
     )
     s = args.seconds
     out.append(f"- **S1** iperf3 `-t {s}` to an iperf3 server, 1 and 4 streams (`-P 4`), client→server and `-R`; Gbit/s received. iperf3's control connection goes through the balancer too.")
-    out.append(f"- **S2** `wrk -t2 -c50 -d{s}s -H \"Connection: close\"` against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
-    out.append(f"- **S3** `wrk -t2 -c50 -d{s}s` keep-alive against the same nginx; requests/s.")
+    out.append(f"- **S2** `wrk -t1 -c50 -d{s}s -H \"Connection: close\"` and the same with `-t2`, against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
+    out.append(f"- **S3** `wrk -t1 -c50 -d{s}s` and `-t2`, keep-alive against the same nginx; requests/s.")
     out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {s} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
     out.append(f"- **S5** `latency_probe hold`: {args.hold:,} connections opened through a fresh balancer to the echo server, each verified with a 4-byte echo, then held idle; (balancer RSS after − before) / {args.hold:,}, KiB per connection. HAProxy: sum over its processes. Kernel socket memory is not in RSS and not counted.")
     out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
+    out.append("- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2 and S3 run, divided by the requests wrk completed (with `Connection: close` one request is one connection); µs. Direct: n/a.")
     out.append("")
     out.append("Higher is better for S1–S3, lower for the others. **Paired ratios**: for each figure, HAProxy's best variant is the one with the best median over the run; in every round, the ulb-tcp row ÷ that variant's value in the same round; the median of these per-round ratios with their min–max. The unpaired ratios (median ÷ median) are there too.\n")
 
@@ -878,7 +896,7 @@ def report(res, targets, plain, header, args, elapsed):
         return rows
 
     tables("Ratios (unpaired: median ÷ median)", ratio_rows,
-           "For rates above 1 means ulb-tcp is faster; for latency, memory and CPU per GB below 1 means it uses less.")
+           "For rates above 1 means ulb-tcp is faster; for latency, memory and CPU below 1 means it uses less.")
 
     def paired_rows(keys, tkey):
         rows = [["HAProxy variant used"] + [(res.paired("ulb-tcp", k)[0] or "n/a").replace("HAProxy ", "") for k in keys]]
@@ -975,7 +993,7 @@ def main():
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
     ap.add_argument("--only", "--scenarios", dest="only", metavar="LIST",
                     help="comma-separated scenarios to run: name prefixes or, from 3 letters on, words in the name, "
-                         "e.g. 'S1,S4', 'S2,S3', 'keep-alive' (default all)")
+                         "e.g. 'S1,S4', 'S2,S3', 'keep-alive', '-t1' (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                     help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
                          "'1 thread=--threads 1'; repeatable")
