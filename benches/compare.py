@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Compare ulb-tcp with a direct connection and with HAProxy (mode tcp), on loopback, in one run.
 
-    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--only S2,S3] [--out BENCHMARKS.md]
+    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--only S2,redis] [--out BENCHMARKS.md]
 
 Scenarios (each measured for every target, interleaved: for round: for scenario: for target):
   S1 bulk throughput, iperf3, 1 and 4 streams, both directions (Gbit/s)
@@ -12,7 +12,9 @@ Scenarios (each measured for every target, interleaved: for round: for scenario:
   S4 latency p50/p99/p99.9 at a fixed rate through an echo server (examples/latency_probe.rs)
   S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
-`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'keep-alive', 'S2 wrk -t1'.
+  S7 redis-benchmark -t get,set -c 50, -P 16 and -P 1, against redis-server (GET and SET requests/s), and
+     the balancer's CPU per request
+`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'redis', 'S2 wrk -t1'.
 
 Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
 plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
@@ -29,7 +31,8 @@ Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process
 waited for, and the temporary directory is removed, also on errors and Ctrl-C. A failed measurement is
 reported (scenario, target, round, reason) and shown as "fail"; the others go on.
 
-Installs haproxy, nginx, wrk and iperf3 from Debian when missing and running as root. Builds ulb-tcp and the probe in release (`cargo build --release --bin ulb-tcp --example
+Installs haproxy, nginx, wrk, iperf3, redis-server and redis-tools from Debian when missing and
+running as root. Builds ulb-tcp and the probe in release (`cargo build --release --bin ulb-tcp --example
 latency_probe`, honouring CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a
 concurrent rebuild cannot swap them in the middle of a run.
 """
@@ -265,7 +268,8 @@ def wait_listening(procs, p, port, timeout=10.0):
 
 def ensure_tools():
     # tool -> Debian package
-    needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3"}
+    needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3",
+              "redis-server": "redis-server", "redis-benchmark": "redis-tools"}
     missing = sorted({pkg for tool, pkg in needed.items() if not tool_path(tool)})
     if missing:
         if os.geteuid() != 0:
@@ -360,6 +364,18 @@ http {{
 def start_iperf3(procs):
     port = free_port()
     p = procs.start("iperf3-server", [tool_path("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(port)])
+    wait_listening(procs, p, port)
+    return p, port
+
+
+def start_redis(procs, tmp):
+    root = os.path.join(tmp, "redis")
+    os.makedirs(root, exist_ok=True)
+    port = free_port()
+    # No persistence, no protected mode (loopback only anyway), plenty of clients.
+    cmd = [tool_path("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--protected-mode", "no", "--daemonize", "no", "--dir", root, "--maxclients", "10000", "--loglevel", "warning"]
+    p = procs.start("redis-server", cmd)
     wait_listening(procs, p, port)
     return p, port
 
@@ -490,7 +506,8 @@ class Env:
             log(f"{kind} backend had exited ({p.returncode}): {tail(self.procs.output(p))}; restarting it")
             self.procs.stop(p)
         starter = {"nginx": lambda: start_nginx(self.procs, self.tmp), "iperf3": lambda: start_iperf3(self.procs),
-                   "echo": lambda: start_echo(self.procs, self.bins)}[kind]
+                   "echo": lambda: start_echo(self.procs, self.bins),
+                   "redis": lambda: start_redis(self.procs, self.tmp)}[kind]
         p, port = starter()
         self.backends[kind] = (p, port)
         return port
@@ -589,6 +606,51 @@ def s_wrk(env, target, close, threads):
             env.procs.stop(bal)
 
 
+def redis_requests(args, pipeline):
+    """Requests per test (-n) for redis-benchmark: sized so that one test lasts about --seconds through a
+    balancer on a small machine (loopback, 2 cores: ~400k/s with -P 16, ~40k/s with -P 1 through a balancer)."""
+    if pipeline > 1:
+        return args.redis_n16 or 400_000 * args.seconds
+    return args.redis_n1 or 40_000 * args.seconds
+
+
+def s_redis(env, target, pipeline):
+    """redis-benchmark -t get,set -c 50 -P N -n REQUESTS against a redis-server behind the target: GET and SET
+    requests/s, and the balancer's CPU µs per request over both tests. Bounded in count (-n) and time (timeout)."""
+    bport = env.backend("redis")
+    port, bal = target.start(env, bport)
+    try:
+        n = redis_requests(env.args, pipeline)
+        cmd = [tool_path("redis-benchmark"), "-h", "127.0.0.1", "-p", str(port), "-t", "get,set", "-c", "50",
+               "-P", str(pipeline), "-n", str(n), "--csv"]
+        # Time bound: a generous multiple of the planned duration (2 tests of about --seconds each).
+        timeout = max(30, 8 * env.args.seconds)
+        cpu0 = cpu_seconds(bal.pid) if bal else None
+        r = run(cmd, timeout=timeout)
+        cpu1 = cpu_seconds(bal.pid) if bal else None
+        if r.returncode != 0:
+            raise Failure(f"redis-benchmark exited {r.returncode}: {tail(r.stderr or r.stdout)}")
+        got = {}
+        for line in r.stdout.splitlines():
+            cells = [c.strip('"') for c in line.strip().split(",")]
+            if len(cells) >= 2 and cells[0] in ("GET", "SET"):
+                try:
+                    got[cells[0]] = float(cells[1])
+                except ValueError:
+                    pass
+        if set(got) != {"GET", "SET"} or min(got.values()) <= 0:
+            raise Failure(f"redis-benchmark printed no GET and SET rates: {tail(r.stdout + r.stderr)}")
+        if bal is not None and bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
+        out = {"get": got["GET"], "set": got["SET"], "_notes": []}
+        if bal is not None:
+            out["cpu_us"] = (cpu1 - cpu0) * 1e6 / (2 * n)
+        return out
+    finally:
+        if bal is not None:
+            env.procs.stop(bal)
+
+
 def s4_latency(env, target):
     bport = env.backend("echo")
     port, bal = target.start(env, bport)
@@ -651,6 +713,7 @@ def s5_memory(env, target):
 # Columns: (key, header, higher is better, table). Tables group the columns in the report.
 TABLES = [
     ("rates", "S1–S3: throughput and request rates"),
+    ("redis", "S7: redis-benchmark requests/s (GET and SET each)"),
     ("lat", "S4–S6: latency, memory per connection, CPU per GB"),
     ("cpu", "Balancer CPU per connection and per request (µs)"),
 ]
@@ -663,6 +726,10 @@ COLUMNS = [
     ("s2_t2", "S2 -t2 conn/s (close)", True, "rates"),
     ("s3_t1", "S3 -t1 req/s (keep-alive)", True, "rates"),
     ("s3_t2", "S3 -t2 req/s (keep-alive)", True, "rates"),
+    ("r16_get", "-P 16 GET/s", True, "redis"),
+    ("r16_set", "-P 16 SET/s", True, "redis"),
+    ("r1_get", "-P 1 GET/s", True, "redis"),
+    ("r1_set", "-P 1 SET/s", True, "redis"),
     ("s4_p50", "S4 p50 µs", False, "lat"),
     ("s4_p99", "S4 p99 µs", False, "lat"),
     ("s4_p999", "S4 p99.9 µs", False, "lat"),
@@ -672,6 +739,8 @@ COLUMNS = [
     ("cpu_conn_t2", "per conn, S2 -t2", False, "cpu"),
     ("cpu_req_t1", "per req, S3 -t1", False, "cpu"),
     ("cpu_req_t2", "per req, S3 -t2", False, "cpu"),
+    ("cpu_r16", "per req, redis -P 16", False, "cpu"),
+    ("cpu_r1", "per req, redis -P 1", False, "cpu"),
 ]
 COLUMN = {k: (h, higher, table) for k, h, higher, table in COLUMNS}
 ADDED = ("s4_p50", "s4_p99", "s4_p999")  # shown with the added latency (target minus direct, same round)
@@ -709,6 +778,15 @@ def scenarios(env):
 
         return f
 
+    def redis(pipeline):
+        pre = "r16" if pipeline > 1 else "r1"
+
+        def f(t):
+            r = s_redis(env, t, pipeline)
+            return {f"{pre}_get": r["get"], f"{pre}_set": r["set"], f"cpu_{pre}": r.get("cpu_us"), "_notes": r["_notes"]}
+
+        return f
+
     def lat(t):
         r = s4_latency(env, t)
         return {"s4_p50": r["p50"], "s4_p99": r["p99"], "s4_p999": r["p999"], "_notes": r["_notes"]}
@@ -726,6 +804,8 @@ def scenarios(env):
         Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2", "cpu_conn_t2"), ["s2_t2", "cpu_conn_t2"], ["cpu_conn_t2"]),
         Scenario("S3 wrk -t1 keep-alive", wrk(False, 1, "s3_t1", "cpu_req_t1"), ["s3_t1", "cpu_req_t1"], ["cpu_req_t1"]),
         Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2", "cpu_req_t2"), ["s3_t2", "cpu_req_t2"], ["cpu_req_t2"]),
+        Scenario("S7 redis-benchmark -P 16", redis(16), ["r16_get", "r16_set", "cpu_r16"], ["cpu_r16"]),
+        Scenario("S7 redis-benchmark -P 1", redis(1), ["r1_get", "r1_set", "cpu_r1"], ["cpu_r1"]),
         Scenario("S4 latency_probe load", lat, ["s4_p50", "s4_p99", "s4_p999"]),
         Scenario("S5 latency_probe hold", mem, ["s5"], applies=lambda t: t.kind != "direct"),
     ]
@@ -733,7 +813,7 @@ def scenarios(env):
 
 def select_scenarios(scens, only):
     """--only/--scenarios: comma-separated; a scenario is kept when a word is a prefix of its name or, from 3
-    letters on, appears in it (case-insensitive): 'S1,S3', 'keep-alive', '-t1'."""
+    letters on, appears in it (case-insensitive): 'S1,S3', 'redis', '-t1'."""
     words = [w.strip().lower() for w in only.split(",") if w.strip()]
     keep = [s for s in scens if any(s.name.lower().startswith(w) or (len(w) >= 3 and w in s.name.lower()) for w in words)]
     return keep
@@ -748,7 +828,7 @@ def fmt(v, key):
         return "n/a"
     if key.startswith("s1") or key in ("s5", "s6") or key.startswith("cpu"):
         return f"{v:.2f}"
-    if key.startswith(("s2", "s3")):
+    if key.startswith(("s2", "s3", "r1", "r16")):
         return f"{v:,.0f}"
     return f"{v:.1f}"
 
@@ -838,9 +918,10 @@ def report(res, targets, plain, header, args, elapsed):
     out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {s} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
     out.append(f"- **S5** `latency_probe hold`: {args.hold:,} connections opened through a fresh balancer to the echo server, each verified with a 4-byte echo, then held idle; (balancer RSS after − before) / {args.hold:,}, KiB per connection. HAProxy: sum over its processes. Kernel socket memory is not in RSS and not counted.")
     out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
-    out.append("- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2 and S3 run, divided by the requests wrk completed (with `Connection: close` one request is one connection); µs. Direct: n/a.")
+    out.append(f"- **S7** `redis-benchmark -t get,set -c 50 -P 16 -n {redis_requests(args, 16):,}` and `-P 1 -n {redis_requests(args, 1):,}` (requests per test) against `redis-server` (no persistence) behind the target; requests/s of the GET and of the SET test, both reported (not their mean). Each run is bounded by its count and by a {max(30, 8 * s)} s timeout.")
+    out.append("- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2, S3 and S7 run, divided by the requests completed (wrk's count; with `Connection: close` one request is one connection; redis: both tests' requests); µs. Direct: n/a.")
     out.append("")
-    out.append("Higher is better for S1–S3, lower for the others. **Paired ratios**: for each figure, HAProxy's best variant is the one with the best median over the run; in every round, the ulb-tcp row ÷ that variant's value in the same round; the median of these per-round ratios with their min–max. The unpaired ratios (median ÷ median) are there too.\n")
+    out.append("Higher is better for S1–S3 and S7, lower for the others. **Paired ratios**: for each figure, HAProxy's best variant is the one with the best median over the run; in every round, the ulb-tcp row ÷ that variant's value in the same round; the median of these per-round ratios with their min–max. The unpaired ratios (median ÷ median) are there too.\n")
 
     present = {t.name for t in targets}
     main_names = [n for n in ["direct", "ulb-tcp"] + list(plain) if n in present]
@@ -967,6 +1048,8 @@ def machine_header(args, plain, sock_note):
         ("nginx", first_line([tool_path("nginx"), "-v"])),
         ("wrk", first_line([tool_path("wrk"), "-v"])),
         ("iperf3", first_line([tool_path("iperf3"), "--version"])),
+        ("redis", first_line([tool_path("redis-server"), "--version"]) + "; "
+         + first_line([tool_path("redis-benchmark"), "--version"])),
         ("rustc", first_line(["rustc", "--version"])),
         ("open-file limit", f"{fd_limit():,} for every process started"
          + ("" if fd_limit() >= NOFILE else " (could not be raised further here)")
@@ -986,26 +1069,31 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each running every scenario for every target (default 3)")
     ap.add_argument("--seconds", type=int, default=4, help="seconds per throughput/rate/latency measurement (default 4)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections")
+                    help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections, redis -n 400000 "
+                         "(-P 16) and 50000 (-P 1); S1-S3 and S7 take about 4 minutes on 2 cores")
     ap.add_argument("--out", help="write the Markdown report here (default: print only)")
     ap.add_argument("--hold", type=int, help="connections held for S5 (default 10000, fewer if the open-file limit cannot hold them)")
     ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
     ap.add_argument("--only", "--scenarios", dest="only", metavar="LIST",
                     help="comma-separated scenarios to run: name prefixes or, from 3 letters on, words in the name, "
-                         "e.g. 'S1,S4', 'S2,S3', 'keep-alive', '-t1' (default all)")
+                         "e.g. 'S1,S4', 'S2,S3', 'redis', '-t1' (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                     help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
                          "'1 thread=--threads 1'; repeatable")
     ap.add_argument("--skip", default="", metavar="NAMES",
                     help="comma-separated target names to leave out, e.g. 'ulb-tcp splice,HAProxy 1t' "
                          "(direct and ulb-tcp always run)")
+    ap.add_argument("--redis-n16", type=int, metavar="N", help="redis-benchmark -n with -P 16 (default 400000 × --seconds)")
+    ap.add_argument("--redis-n1", type=int, metavar="N", help="redis-benchmark -n with -P 1 (default 40000 × --seconds)")
     args = ap.parse_args()
     raise_nofile()
     # A balancer holding N connections needs 2 N descriptors (plus HAProxy's pipes): stay below the limit.
     fit = max(100, (fd_limit() - 1200) // 2 // 500 * 500)
     if args.quick:
         args.rounds, args.seconds = 1, 2
+        args.redis_n16 = args.redis_n16 or 400_000
+        args.redis_n1 = args.redis_n1 or 50_000
     if args.hold is None:
         args.hold = min(2_000 if args.quick else 10_000, fit)
     elif args.hold > fit:
@@ -1037,7 +1125,7 @@ def main():
             if not scens:
                 ap.error(f"--only {args.only!r} selects no scenario")
         # Start only the backends the chosen scenarios use.
-        uses = {"S1": "iperf3", "S2": "nginx", "S3": "nginx", "S4": "echo", "S5": "echo"}
+        uses = {"S1": "iperf3", "S2": "nginx", "S3": "nginx", "S4": "echo", "S5": "echo", "S7": "redis"}
         for kind in sorted({uses[sc.name[:2]] for sc in scens}):
             env.backend(kind)
         log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios "
