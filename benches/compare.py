@@ -14,7 +14,9 @@ Scenarios (each measured for every target, interleaved: for round: for scenario:
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
   S7 redis-benchmark -t get,set -c 50, -P 16 and -P 1, against redis-server (GET and SET requests/s), and
      the balancer's CPU per request
-`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'redis', 'S2 wrk -t1'.
+  S8 system calls per connection of the balancer (strace -f -p) during a short wrk "Connection: close"
+     run, for ulb-tcp and HAProxy 1t (--syscall-targets)
+`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'redis', 'syscalls', 'S2 wrk -t1'.
 
 Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
 plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
@@ -31,7 +33,7 @@ Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process
 waited for, and the temporary directory is removed, also on errors and Ctrl-C. A failed measurement is
 reported (scenario, target, round, reason) and shown as "fail"; the others go on.
 
-Installs haproxy, nginx, wrk, iperf3, redis-server and redis-tools from Debian when missing and
+Installs haproxy, nginx, wrk, iperf3, redis-server, redis-tools and strace from Debian when missing and
 running as root. Builds ulb-tcp and the probe in release (`cargo build --release --bin ulb-tcp --example
 latency_probe`, honouring CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a
 concurrent rebuild cannot swap them in the middle of a run.
@@ -269,7 +271,7 @@ def wait_listening(procs, p, port, timeout=10.0):
 def ensure_tools():
     # tool -> Debian package
     needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3",
-              "redis-server": "redis-server", "redis-benchmark": "redis-tools"}
+              "redis-server": "redis-server", "redis-benchmark": "redis-tools", "strace": "strace"}
     missing = sorted({pkg for tool, pkg in needed.items() if not tool_path(tool)})
     if missing:
         if os.geteuid() != 0:
@@ -556,8 +558,8 @@ WRK_ERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), ti
 WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 
-def wrk_cmd(env, port, threads, close):
-    cmd = [tool_path("wrk"), f"-t{threads}", "-c50", f"-d{env.args.seconds}s"]
+def wrk_cmd(env, port, threads, close, seconds=None):
+    cmd = [tool_path("wrk"), f"-t{threads}", "-c50", f"-d{seconds or env.args.seconds}s"]
     if close:
         cmd += ["-H", "Connection: close"]
     return cmd + [f"http://127.0.0.1:{port}/"]
@@ -651,6 +653,86 @@ def s_redis(env, target, pipeline):
             env.procs.stop(bal)
 
 
+# System calls reported one by one (per connection); every other one counts in the total and in the details.
+SYSCALLS = ["accept4", "connect", "socket", "close", "shutdown", "epoll_ctl", "epoll_wait", "getsockopt",
+            "setsockopt", "sendto", "recvfrom", "read", "write", "splice"]
+STRACE_CALL = re.compile(r"^(\d+)\s+([a-z_0-9]+)\(")
+STRACE_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. ([a-z_0-9]+) resumed>")
+STRACE_RESULT = re.compile(r"= (-?\d+|\?|0x[0-9a-f]+)(?: (E[A-Z0-9]+))?(?: \(.*\))?\s*$")
+
+
+def parse_strace(path):
+    """({syscall: calls}, {(syscall, errno): failed calls}) from `strace -f -o path` output."""
+    calls, errors = {}, {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = STRACE_RESUMED.match(line)
+            if m:
+                name = m.group(2)  # counted when it started (the "unfinished" line)
+            else:
+                m = STRACE_CALL.match(line)
+                if not m:
+                    continue  # signals, exits, attach/detach messages
+                name = m.group(2)
+                calls[name] = calls.get(name, 0) + 1
+                if line.rstrip().endswith("<unfinished ...>"):
+                    continue
+            res = STRACE_RESULT.search(line)
+            if res and res.group(2):
+                errors[(name, res.group(2))] = errors.get((name, res.group(2)), 0) + 1
+    return calls, errors
+
+
+def s_syscalls(env, target):
+    """System calls of the balancer (all threads, strace -f -p) per connection during a short
+    `wrk -t2 -c50 -H "Connection: close"` run against nginx. Under strace every call stops the balancer twice,
+    so it runs far slower than untraced: more work waits per wake-up, which lowers the counts that depend on
+    timing (epoll_wait, failed accept4/reads) below what an untraced run makes. Counts per connection of the
+    rest (accept4, connect, close, ...) do not depend on speed."""
+    bport = env.backend("nginx")
+    port, bal = target.start(env, bport)
+    tracer = None
+    try:
+        trace = os.path.join(env.tmp, f"strace-{port}.txt")
+        tracer = env.procs.start("strace", [tool_path("strace"), "-f", "-s", "0", "-o", trace, "-p", str(bal.pid)])
+        deadline = time.monotonic() + 10
+        while "attached" not in env.procs.output(tracer):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                raise Failure(f"strace did not attach to {target.name}: {tail(env.procs.output(tracer))}")
+            time.sleep(0.05)
+        time.sleep(0.2)
+        r = run(wrk_cmd(env, port, 2, True, seconds=env.args.syscall_seconds), timeout=env.args.syscall_seconds + 30)
+        # Let the balancer finish the connections wrk left open when it stopped (their closes and shutdowns),
+        # so that every connection accepted under the trace is traced to its end.
+        time.sleep(1.0)
+        env.procs.stop(tracer, grace=15.0)  # SIGTERM: strace detaches from every thread and flushes its output
+        tracer = None
+        _, reqs, notes = parse_wrk(r)
+        calls, errors = parse_strace(trace)
+        if bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
+        if not calls:
+            raise Failure(f"strace recorded no system call of {target.name}")
+        # Per connection = per connection the balancer accepted under the trace (successful accept4/accept):
+        # wrk's count leaves out the ~50 it had in flight when it stopped, which the balancer handled all the same.
+        accepted = sum(calls.get(k, 0) for k in ("accept4", "accept")) - sum(
+            v for (k, _), v in errors.items() if k in ("accept4", "accept"))
+        conns = accepted if accepted > 0 else reqs
+        per = {f"sc_{k}": calls.get(k, 0) / conns for k in SYSCALLS}
+        per["sc_total"] = sum(calls.values()) / conns
+        per["sc_accept4_eagain"] = errors.get(("accept4", "EAGAIN"), 0) / conns
+        notes.append(f"strace: {accepted:,} connections accepted" + ("" if accepted > 0 else " (none seen: divided by wrk's count)")
+                     + f", {reqs:,} requests completed by wrk, {sum(calls.values()):,} system calls")
+        per["_notes"] = notes
+        per["_detail"] = {"conns": conns, "requests": reqs, "accepted": accepted, "calls": calls, "errors": errors}
+        return per
+    finally:
+        if tracer is not None:
+            env.procs.stop(tracer, grace=15.0)
+        if bal is not None:
+            env.procs.stop(bal)
+
+
 def s4_latency(env, target):
     bport = env.backend("echo")
     port, bal = target.start(env, bport)
@@ -716,6 +798,7 @@ TABLES = [
     ("redis", "S7: redis-benchmark requests/s (GET and SET each)"),
     ("lat", "S4–S6: latency, memory per connection, CPU per GB"),
     ("cpu", "Balancer CPU per connection and per request (µs)"),
+    ("sc", "S8: balancer system calls per connection (strace)"),
 ]
 COLUMNS = [
     ("s1_1f", "S1 1 stream Gbit/s", True, "rates"),
@@ -741,6 +824,9 @@ COLUMNS = [
     ("cpu_req_t2", "per req, S3 -t2", False, "cpu"),
     ("cpu_r16", "per req, redis -P 16", False, "cpu"),
     ("cpu_r1", "per req, redis -P 1", False, "cpu"),
+    ("sc_total", "total", False, "sc"),
+] + [(f"sc_{k}", k, False, "sc") for k in SYSCALLS[:1]] + [("sc_accept4_eagain", "accept4 EAGAIN", False, "sc")] + [
+    (f"sc_{k}", k, False, "sc") for k in SYSCALLS[1:]
 ]
 COLUMN = {k: (h, higher, table) for k, h, higher, table in COLUMNS}
 ADDED = ("s4_p50", "s4_p99", "s4_p999")  # shown with the added latency (target minus direct, same round)
@@ -795,6 +881,8 @@ def scenarios(env):
         r = s5_memory(env, t)
         return {"s5": r["kib_per_conn"]}
 
+    sc_targets = [n.strip() for n in a.syscall_targets.split(",") if n.strip()]
+    sc_keys = [k for k, _, _, table in COLUMNS if table == "sc"]
     return [
         Scenario("S1 iperf3 1 stream", iperf(1, False, "s1_1f"), ["s1_1f", "s6"], ["s6"]),
         Scenario("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r"), ["s1_1r"]),
@@ -808,12 +896,14 @@ def scenarios(env):
         Scenario("S7 redis-benchmark -P 1", redis(1), ["r1_get", "r1_set", "cpu_r1"], ["cpu_r1"]),
         Scenario("S4 latency_probe load", lat, ["s4_p50", "s4_p99", "s4_p999"]),
         Scenario("S5 latency_probe hold", mem, ["s5"], applies=lambda t: t.kind != "direct"),
+        Scenario("S8 syscalls strace wrk Connection: close", lambda t: s_syscalls(env, t), sc_keys,
+                 applies=lambda t: t.name in sc_targets),
     ]
 
 
 def select_scenarios(scens, only):
     """--only/--scenarios: comma-separated; a scenario is kept when a word is a prefix of its name or, from 3
-    letters on, appears in it (case-insensitive): 'S1,S3', 'redis', '-t1'."""
+    letters on, appears in it (case-insensitive): 'S1,S3', 'redis', '-t1', 'syscalls'."""
     words = [w.strip().lower() for w in only.split(",") if w.strip()]
     keep = [s for s in scens if any(s.name.lower().startswith(w) or (len(w) >= 3 and w in s.name.lower()) for w in words)]
     return keep
@@ -826,7 +916,7 @@ def select_scenarios(scens, only):
 def fmt(v, key):
     if v is None:
         return "n/a"
-    if key.startswith("s1") or key in ("s5", "s6") or key.startswith("cpu"):
+    if key.startswith("s1") or key in ("s5", "s6") or key.startswith("cpu") or key.startswith("sc_"):
         return f"{v:.2f}"
     if key.startswith(("s2", "s3", "r1", "r16")):
         return f"{v:,.0f}"
@@ -846,6 +936,7 @@ class Results:
         self.targets = targets
         self.values = {t.name: {k: {} for k in COLUMN} for t in targets}  # name -> key -> {round: value}
         self.failed = {t.name: {k: [] for k in COLUMN} for t in targets}  # name -> key -> [rounds]
+        self.details = {t.name: {} for t in targets}  # name -> {round: strace detail}
         self.failures = []  # (round, scenario, target, reason)
         self.notes = []  # (round, scenario, target, note)
 
@@ -920,6 +1011,7 @@ def report(res, targets, plain, header, args, elapsed):
     out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
     out.append(f"- **S7** `redis-benchmark -t get,set -c 50 -P 16 -n {redis_requests(args, 16):,}` and `-P 1 -n {redis_requests(args, 1):,}` (requests per test) against `redis-server` (no persistence) behind the target; requests/s of the GET and of the SET test, both reported (not their mean). Each run is bounded by its count and by a {max(30, 8 * s)} s timeout.")
     out.append("- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2, S3 and S7 run, divided by the requests completed (wrk's count; with `Connection: close` one request is one connection; redis: both tests' requests); µs. Direct: n/a.")
+    out.append(f"- **S8** the balancer's system calls, `strace -f -p PID` (every thread) during `wrk -t2 -c50 -d{args.syscall_seconds}s -H \"Connection: close\"` against nginx, divided by the connections the balancer accepted under the trace (successful accept4; the trace goes on 1 s after wrk stops, so that those wrk left open are traced to their close); for {args.syscall_targets}. `accept4 EAGAIN`: accept4 calls that failed with EAGAIN (strace prints each call's errno). Traced, the balancer runs far slower, so more work is waiting at each wake-up: the counts that depend on timing (epoll_wait, failed accept4 and reads) come out lower than untraced; those of accept4, connect, socket, close, shutdown, getsockopt do not.")
     out.append("")
     out.append("Higher is better for S1–S3 and S7, lower for the others. **Paired ratios**: for each figure, HAProxy's best variant is the one with the best median over the run; in every round, the ulb-tcp row ÷ that variant's value in the same round; the median of these per-round ratios with their min–max. The unpaired ratios (median ÷ median) are there too.\n")
 
@@ -946,6 +1038,8 @@ def report(res, targets, plain, header, args, elapsed):
             out.append("")
 
     def summary_rows(keys, tkey):
+        if tkey == "sc":  # only the traced targets have these: show each of them, no "best" row
+            return [[t.name] + [res.cell(t.name, k) for k in keys] for t in targets]
         rows = [[n] + [res.cell(n, k) for k in keys] for n in main_names]
         hap = []
         for k in keys:
@@ -977,7 +1071,7 @@ def report(res, targets, plain, header, args, elapsed):
         return rows
 
     tables("Ratios (unpaired: median ÷ median)", ratio_rows,
-           "For rates above 1 means ulb-tcp is faster; for latency, memory and CPU below 1 means it uses less.")
+           "For rates above 1 means ulb-tcp is faster; for latency, memory, CPU and system calls below 1 means it uses less.")
 
     def paired_rows(keys, tkey):
         rows = [["HAProxy variant used"] + [(res.paired("ulb-tcp", k)[0] or "n/a").replace("HAProxy ", "") for k in keys]]
@@ -1001,6 +1095,29 @@ def report(res, targets, plain, header, args, elapsed):
 
     tables("Every target, median [min–max over rounds]",
            lambda keys, tkey: [[t.name] + [res.cell(t.name, k, spread=True) for k in keys] for t in targets])
+
+    det = [(t.name, res.details[t.name]) for t in targets if res.details[t.name]]
+    if det:
+        out.append("## S8 details: every system call per connection\n")
+        out.append("Median over rounds of calls per connection accepted under the trace; failed calls by errno in "
+                   "brackets (per connection).\n")
+        for name, by_round in det:
+            names = sorted({c for d in by_round.values() for c in d["calls"]})
+            per = {}
+            for c in names:
+                per[c] = statistics.median(d["calls"].get(c, 0) / d["conns"] for d in by_round.values())
+            errs = {}
+            for d in by_round.values():
+                for (c, e), v in d["errors"].items():
+                    errs.setdefault((c, e), []).append(v / d["conns"])
+            parts = []
+            for c in sorted(names, key=lambda c: -per[c]):
+                e = ", ".join(f"{en} {statistics.median(v + [0] * (len(by_round) - len(v))):.2f}"
+                              for (cn, en), v in sorted(errs.items()) if cn == c)
+                parts.append(f"{c} {per[c]:.2f}" + (f" ({e})" if e else ""))
+            conns = ", ".join(f"{d['conns']:,}" for d in by_round.values())
+            out.append(f"- **{name}** (connections traced per round: {conns}): " + "; ".join(parts))
+        out.append("")
 
     out.append("## Failures and notes\n")
     if not res.failures and not res.notes:
@@ -1050,6 +1167,7 @@ def machine_header(args, plain, sock_note):
         ("iperf3", first_line([tool_path("iperf3"), "--version"])),
         ("redis", first_line([tool_path("redis-server"), "--version"]) + "; "
          + first_line([tool_path("redis-benchmark"), "--version"])),
+        ("strace", first_line([tool_path("strace"), "-V"])),
         ("rustc", first_line(["rustc", "--version"])),
         ("open-file limit", f"{fd_limit():,} for every process started"
          + ("" if fd_limit() >= NOFILE else " (could not be raised further here)")
@@ -1077,7 +1195,7 @@ def main():
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
     ap.add_argument("--only", "--scenarios", dest="only", metavar="LIST",
                     help="comma-separated scenarios to run: name prefixes or, from 3 letters on, words in the name, "
-                         "e.g. 'S1,S4', 'S2,S3', 'redis', '-t1' (default all)")
+                         "e.g. 'S1,S4', 'S2,S3', 'redis', '-t1', 'syscalls' (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                     help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
                          "'1 thread=--threads 1'; repeatable")
@@ -1086,6 +1204,9 @@ def main():
                          "(direct and ulb-tcp always run)")
     ap.add_argument("--redis-n16", type=int, metavar="N", help="redis-benchmark -n with -P 16 (default 400000 × --seconds)")
     ap.add_argument("--redis-n1", type=int, metavar="N", help="redis-benchmark -n with -P 1 (default 40000 × --seconds)")
+    ap.add_argument("--syscall-seconds", type=int, default=2, help="length of the traced wrk run of S8 (default 2)")
+    ap.add_argument("--syscall-targets", default="ulb-tcp,HAProxy 1t", metavar="NAMES",
+                    help="comma-separated targets S8 traces (default 'ulb-tcp,HAProxy 1t')")
     args = ap.parse_args()
     raise_nofile()
     # A balancer holding N connections needs 2 N descriptors (plus HAProxy's pipes): stay below the limit.
@@ -1099,8 +1220,8 @@ def main():
     elif args.hold > fit:
         log(f"--hold {args.hold} does not fit the open-file limit {fd_limit()}; holding {fit}")
         args.hold = fit
-    if args.rounds < 1 or args.seconds < 1 or args.hold < 1:
-        ap.error("--rounds, --seconds and --hold must be at least 1")
+    if args.rounds < 1 or args.seconds < 1 or args.hold < 1 or args.syscall_seconds < 1:
+        ap.error("--rounds, --seconds, --hold and --syscall-seconds must be at least 1")
     started = time.monotonic()
     ensure_tools()
     sock_note = sockperf_note()
@@ -1125,7 +1246,7 @@ def main():
             if not scens:
                 ap.error(f"--only {args.only!r} selects no scenario")
         # Start only the backends the chosen scenarios use.
-        uses = {"S1": "iperf3", "S2": "nginx", "S3": "nginx", "S4": "echo", "S5": "echo", "S7": "redis"}
+        uses = {"S1": "iperf3", "S2": "nginx", "S3": "nginx", "S8": "nginx", "S4": "echo", "S5": "echo", "S7": "redis"}
         for kind in sorted({uses[sc.name[:2]] for sc in scens}):
             env.backend(kind)
         log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios "
@@ -1161,6 +1282,9 @@ def main():
                         spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
                         for note in vals.pop("_notes", []):
                             res.notes.append((rnd, sc.name, t.name, note))
+                        detail = vals.pop("_detail", None)
+                        if detail is not None:
+                            res.details[t.name][rnd] = detail
                         for k, v in vals.items():
                             if v is not None:
                                 res.values[t.name][k][rnd] = v
