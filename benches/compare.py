@@ -1054,7 +1054,7 @@ def report(res, targets, plain, header, args, elapsed):
     out.append(f"- **S5** `latency_probe hold`: {args.hold:,} connections opened through a fresh balancer to the echo server, each verified with a 4-byte echo, then held idle; (balancer RSS after − before) / {args.hold:,}, KiB per connection. HAProxy: sum over its processes. Kernel socket memory is not in RSS and not counted.")
     out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
     out.append(f"- **S7** `redis-benchmark -t get,set -c 50 -P 16 -n {redis_requests(args, 16):,}` and `-P 1 -n {redis_requests(args, 1):,}` (requests per test) against `redis-server` (no persistence) behind the target; requests/s of the GET and of the SET test, both reported (not their mean). Each run is bounded by its count and by a {max(30, 8 * s)} s timeout.")
-    out.append("- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2, S3 and S7 run, divided by the requests completed (wrk's count; with `Connection: close` one request is one connection; redis: both tests' requests); µs. Direct: n/a.")
+    out.append(f"- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2, S3 and S7 run, divided by the requests completed (wrk's count; with `Connection: close` one request is one connection; redis: both tests' requests); µs. Direct: n/a. The kernel counts this time in clock ticks of {1000 / CLK_TCK:.0f} ms, so a short run gives a coarse figure (a 2 s run at one core: 1 tick in 200).")
     out.append(f"- **S8** the balancer's system calls, `strace -f -p PID` (every thread) during `wrk -t2 -c50 -d{args.syscall_seconds}s -H \"Connection: close\"` against nginx, divided by the connections the balancer accepted under the trace (successful accept4; the trace goes on 1 s after wrk stops, so that those wrk left open are traced to their close); for {args.syscall_targets}. `accept4 EAGAIN`: accept4 calls that failed with EAGAIN (strace prints each call's errno). Traced, the balancer runs far slower, so more work is waiting at each wake-up: the counts that depend on timing (epoll_wait, failed accept4 and reads) come out lower than untraced; those of accept4, connect, socket, close, shutdown, getsockopt do not.")
     gate = (f"on: a measurement during which other processes used more than {args.gate_foreign_cpu} cores was redone, at most {args.gate_redos} times"
             if args.gate_foreign_cpu is not None else "off (`--gate-foreign-cpu CORES` redoes a measurement during which other processes used more)")
@@ -1234,8 +1234,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each running every scenario for every target (default 3)")
     ap.add_argument("--seconds", type=int, default=4, help="seconds per throughput/rate/latency measurement (default 4)")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections, redis -n 400000 "
-                         "(-P 16) and 50000 (-P 1); S1-S3 and S7 take about 4 minutes on 2 cores")
+                    help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections, redis -n 200000 "
+                         "(-P 16) and 25000 (-P 1); S1-S3 and S7 take about 3 minutes on 2 idle cores")
     ap.add_argument("--out", help="write the Markdown report here (default: print only)")
     ap.add_argument("--hold", type=int, help="connections held for S5 (default 10000, fewer if the open-file limit cannot hold them)")
     ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
@@ -1265,8 +1265,9 @@ def main():
     fit = max(100, (fd_limit() - 1200) // 2 // 500 * 500)
     if args.quick:
         args.rounds, args.seconds = 1, 2
-        args.redis_n16 = args.redis_n16 or 400_000
-        args.redis_n1 = args.redis_n1 or 50_000
+        # Counts, not time, bound a redis-benchmark run: small ones keep --quick short on a loaded machine too.
+        args.redis_n16 = args.redis_n16 or 200_000
+        args.redis_n1 = args.redis_n1 or 25_000
     if args.hold is None:
         args.hold = min(2_000 if args.quick else 10_000, fit)
     elif args.hold > fit:
