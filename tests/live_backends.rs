@@ -294,7 +294,8 @@ async fn maint_takes_a_backend_out_and_reset_ends_its_connections() {
         s.read_exact(&mut one).await.unwrap();
         assert_eq!(&one, b"y");
     }
-    lb.stop().await;
+    drop(held);
+    assert_eq!(lb.stop().await.forced, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +391,11 @@ async fn churn_under_load_loses_no_client_and_no_count() {
             while !done.load(SeqCst) {
                 match echo_roundtrip(addr, msg.clone()).await {
                     Ok(got) if got == *msg => exchanges.fetch_add(1, SeqCst),
-                    _ => failures.fetch_add(1, SeqCst),
+                    other => {
+                        let got = other.map(|g| g.len());
+                        eprintln!("client {c}: {got:?} instead of {} bytes echoed", msg.len());
+                        failures.fetch_add(1, SeqCst)
+                    }
                 };
             }
         });
@@ -450,6 +455,12 @@ async fn churn_under_load_loses_no_client_and_no_count() {
         .await;
     let total: u64 = lb.handle.backends().iter().map(|b| b.total).sum();
     assert!(total > 0);
-    assert_eq!(lb.handle.active_connections(), 0);
+    let handle = lb.handle.clone();
+    wait_until(
+        "every connection task to end",
+        Duration::from_secs(10),
+        || handle.active_connections() == 0,
+    )
+    .await;
     assert_eq!(lb.stop().await.forced, 0);
 }
