@@ -133,8 +133,14 @@ pub mod bench_support {
     impl Picker {
         /// Builds the registry and its first table.
         pub fn new(weights: &[u32], strategy: Strategy) -> Self {
-            let registry = Registry::new(strategy, 42, &configs(weights), CancellationToken::new());
-            let backends = registry.table().entries().to_vec();
+            let registry = Registry::new(
+                strategy,
+                42,
+                &configs(weights),
+                crate::health::Policy::default(),
+                CancellationToken::new(),
+            );
+            let backends = registry.table().entries().cloned().collect();
             Picker { registry, backends }
         }
 

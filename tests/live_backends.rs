@@ -94,7 +94,7 @@ async fn least_connections_counts_survive_a_replace_and_the_new_backend_gets_the
     let stats = lb.handle.backend(&id(&bs[1])).unwrap();
     assert_eq!(
         (stats.weight, stats.effective_weight, stats.total),
-        (2, 2, 10)
+        (2, 2.0, 10)
     );
 
     // Loads per weight are now 10, 5, 10 and 0: the next five go to the new backend.

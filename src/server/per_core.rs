@@ -213,6 +213,7 @@ pub(crate) async fn serve(
         tokio::select! {
             () = &mut shutdown => {}
             () = shared.shutdown.cancelled() => {}
+            () = super::background::run(&shared) => {}
             Some(event) = events.recv() => {
                 // A thread's first event is always its listener closing; before any shutdown, it failed.
                 // Stop them all.
