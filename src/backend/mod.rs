@@ -8,10 +8,12 @@
 //! * `registry`: the members, the changes made to them (add, remove with a drain, weight, admin state,
 //!   replace), and the table snapshot rebuilt and published after each one.
 //! * `events`: what changed, as a stream for embedders and the cluster supervisor.
+//! * `queue`: the clients waiting, first come first served, for a backend below its cap.
 //! * `stats`: point-in-time views for handles and the admin API.
 
 mod events;
 mod guard;
+mod queue;
 mod registry;
 mod state;
 mod stats;
@@ -25,6 +27,7 @@ pub use registry::{BackendError, DrainReport, Replaced};
 pub use stats::BackendStats;
 
 pub(crate) use guard::ActiveGuard;
+pub(crate) use queue::Place;
 pub(crate) use registry::Registry;
 pub(crate) use state::Backend;
 

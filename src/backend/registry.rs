@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{BackendEvent, BackendEvents, EventSender};
+use super::queue::WaitQueue;
 use super::stats::BackendStats;
 use super::{AdminState, Backend, BackendId};
 use crate::balance::{Candidate, Picks, Strategy, Table};
@@ -99,8 +99,8 @@ pub(crate) struct Registry {
     stop: CancellationToken,
     /// What every backend follows (health, slow start).
     policy: Arc<Policy>,
-    /// Woken, one waiter at a time, when a backend at its cap frees a slot.
-    freed: Arc<Notify>,
+    /// Clients waiting for a backend below its cap.
+    queue: Arc<WaitQueue>,
 }
 
 impl Registry {
@@ -120,7 +120,7 @@ impl Registry {
             events: EventSender::new(),
             stop,
             policy: Arc::new(policy),
-            freed: Arc::new(Notify::new()),
+            queue: Arc::new(WaitQueue::default()),
         };
         let list: Vec<Arc<Backend>> = backends
             .iter()
@@ -141,13 +141,13 @@ impl Registry {
             joining,
             &self.stop,
             self.events.clone(),
-            self.freed.clone(),
+            self.queue.clone(),
         )
     }
 
-    /// Woken when a backend at its cap frees a slot.
-    pub(crate) fn freed(&self) -> &Notify {
-        &self.freed
+    /// The clients waiting for a backend below its cap.
+    pub(crate) fn queue(&self) -> &WaitQueue {
+        &self.queue
     }
 
     /// True when a backend that could be picked but for its cap is full: a client that found no backend

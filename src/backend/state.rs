@@ -19,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{BackendEvent, EventSender};
+use super::queue::WaitQueue;
 use super::stats::BackendStats;
 use super::{AdminState, BackendId};
 use crate::balance::{Candidate, LoadSlot, FULL_ADMISSION};
@@ -76,8 +77,8 @@ pub(crate) struct Backend {
     pub(crate) metrics: BackendMetrics,
     /// Woken when the count drops to 0 while the backend is out of rotation (a drain waits on it).
     idle: Notify,
-    /// The service's: woken, one waiter at a time, when this backend frees a slot under its cap.
-    freed: Arc<Notify>,
+    /// The service's wait queue, told when this backend frees a slot under its cap.
+    queue: Arc<WaitQueue>,
     /// Cancelled to reset every connection open on this backend; replaced by a fresh one each time.
     cut: ArcSwap<CancellationToken>,
     /// The parent of every `cut` token: the balancer's hard stop.
@@ -104,7 +105,7 @@ impl Backend {
         joining: bool,
         stop: &CancellationToken,
         events: EventSender,
-        freed: Arc<Notify>,
+        queue: Arc<WaitQueue>,
     ) -> Self {
         let metrics = BackendMetrics::register(&config.id);
         metrics.set_weight(config.weight);
@@ -144,7 +145,7 @@ impl Backend {
             }),
             metrics,
             idle: Notify::new(),
-            freed,
+            queue,
             cut: ArcSwap::from_pointee(stop.child_token()),
             stop: stop.clone(),
             events,
@@ -201,7 +202,7 @@ impl Backend {
     /// Sets the cap (`None`: none).
     pub(crate) fn set_cap(&self, cap: Option<u32>) {
         self.cap.store(cap.unwrap_or(0), Relaxed);
-        self.freed.notify_one();
+        self.queue.slot_freed();
     }
 
     /// Makes it a backup (used only while no primary may be picked) or a primary.
@@ -447,7 +448,7 @@ impl Backend {
         self.slot.gave_back(now);
         let cap = self.cap.load(Relaxed);
         if cap != 0 && now < cap as usize {
-            self.freed.notify_one(); // a slot is free: a queued connection may take it
+            self.queue.slot_freed(); // a slot is free: the first queued client may take it
         }
         if now == 0 && !self.is_ready() {
             self.idle.notify_waiters();
@@ -676,7 +677,7 @@ mod tests {
             false,
             &CancellationToken::new(),
             EventSender::new(),
-            Arc::new(Notify::new()),
+            Arc::new(WaitQueue::default()),
         ))
     }
 
@@ -812,7 +813,7 @@ mod tests {
             false,
             &CancellationToken::new(),
             EventSender::new(),
-            Arc::new(Notify::new()),
+            Arc::new(WaitQueue::default()),
         ));
         assert!(b.claim() && b.claim());
         assert!(!b.claim() && !b.is_available() && b.is_full());
@@ -858,7 +859,7 @@ mod tests {
             true,
             &CancellationToken::new(),
             EventSender::new(),
-            Arc::new(Notify::new()),
+            Arc::new(WaitQueue::default()),
         );
         assert!(b.is_ramping());
         assert!(b.effective_weight() < 0.1, "{}", b.effective_weight());

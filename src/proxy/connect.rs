@@ -2,7 +2,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::Context;
-use crate::backend::{ActiveGuard, Backend};
+use crate::backend::{ActiveGuard, Backend, Place};
 use crate::metrics::ConnectFailure;
 
 /// Tries backends until one connects, never one in `tried` (those that already failed this client), for
@@ -28,10 +27,22 @@ pub(crate) async fn connect(
     tried: &mut Vec<Arc<Backend>>,
 ) -> Option<(TcpStream, ActiveGuard)> {
     let settings = &ctx.settings;
+    let queue = ctx.backends.queue();
     let mut attempts = 0;
     let mut passed_over: Vec<Arc<Backend>> = Vec::new();
+    // Others wait already: take a place behind them rather than a slot they are waiting for.
     let mut queued: Option<Queued<'_>> = None;
+    if queue.len() != 0 {
+        queued = Some(Queued::join(ctx, peer)?);
+    }
     while attempts < settings.connect_attempts {
+        if let Some(q) = &mut queued {
+            if !q.wait_turn().await {
+                ctx.metrics.rejected_queue_timeout.increment(1);
+                log_refusal(ctx, peer, "no slot came free before the queue timeout");
+                return None;
+            }
+        }
         let picked = if passed_over.is_empty() {
             ctx.backends.pick(tried)
         } else {
@@ -40,24 +51,11 @@ pub(crate) async fn connect(
         };
         let Some(backend) = picked else {
             if settings.max_queue > 0 && ctx.backends.has_full_backend() {
-                let queue = match &mut queued {
-                    Some(q) => q,
-                    None => match Queued::join(ctx) {
-                        Some(q) => queued.insert(q),
-                        None => {
-                            ctx.metrics.rejected_queue_full.increment(1);
-                            log_refusal(ctx, peer, "the queue is full");
-                            return None;
-                        }
-                    },
-                };
-                if queue.wait().await {
-                    passed_over.clear();
-                    continue;
+                if queued.is_none() {
+                    queued = Some(Queued::join(ctx, peer)?);
                 }
-                ctx.metrics.rejected_queue_timeout.increment(1);
-                log_refusal(ctx, peer, "no slot came free before the queue timeout");
-                return None;
+                passed_over.clear();
+                continue;
             }
             ctx.metrics.no_backend.increment(1);
             break;
@@ -119,53 +117,68 @@ fn log_refusal(ctx: &Context, peer: SocketAddr, why: &str) {
     }
 }
 
-/// How often a queued client looks for a slot even if it was not woken (a wake-up can be missed when
-/// several slots free at once).
+/// How often the client at the head of the queue looks for a slot even if it was not woken (a slot can
+/// come free without a wake-up: a backend taken back into rotation, a cap raised).
 const QUEUE_RECHECK: Duration = Duration::from_millis(50);
 
 /// A client's place in the service's queue, held from its first wait until it leaves (served, timed
 /// out, or gone); counted in the queue's length while held.
 struct Queued<'a> {
     ctx: &'a Context,
+    place: Place<'a>,
     since: Instant,
+    /// Woken (or just joined) and not yet tried.
+    fresh: bool,
 }
 
 impl<'a> Queued<'a> {
-    /// Joins the queue, unless it is full.
-    fn join(ctx: &'a Context) -> Option<Self> {
-        let bound = ctx.settings.max_queue;
-        let joined = ctx
-            .queued
-            .fetch_update(Relaxed, Relaxed, |n| (n < bound).then_some(n + 1))
-            .is_ok();
-        joined.then(|| {
-            ctx.metrics.queue_length.increment(1.0);
-            Queued {
-                ctx,
-                since: Instant::now(),
-            }
+    /// Joins the queue; `None`, counted and logged, when it is full.
+    fn join(ctx: &'a Context, peer: SocketAddr) -> Option<Self> {
+        let Some(place) = ctx.backends.queue().join(ctx.settings.max_queue) else {
+            ctx.metrics.rejected_queue_full.increment(1);
+            log_refusal(ctx, peer, "the queue is full");
+            return None;
+        };
+        ctx.metrics.queue_length.increment(1.0);
+        Some(Queued {
+            ctx,
+            place,
+            since: Instant::now(),
+            fresh: true,
         })
     }
 
-    /// Waits until a slot may have come free (`true`), or the queue timeout has passed (`false`).
-    async fn wait(&self) -> bool {
+    /// Waits until this client is at the head of the queue and may pick again (`true`): at once when it
+    /// has not tried since it joined or was last woken, else once woken (a freed slot, the client ahead
+    /// leaving) or at the next recheck. `false` once the queue timeout has passed.
+    async fn wait_turn(&mut self) -> bool {
         let deadline = self.since + self.ctx.settings.queue_timeout;
-        let now = Instant::now();
-        if now >= deadline {
-            return false;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let head = self.place.is_head();
+            if head && self.fresh {
+                self.fresh = false;
+                return true;
+            }
+            let recheck = if head {
+                (now + QUEUE_RECHECK).min(deadline)
+            } else {
+                deadline
+            };
+            tokio::select! {
+                () = self.place.woken() => {}
+                () = tokio::time::sleep_until(recheck) => {}
+            }
+            self.fresh = true;
         }
-        let recheck = (now + QUEUE_RECHECK).min(deadline);
-        tokio::select! {
-            () = self.ctx.backends.freed().notified() => {}
-            () = tokio::time::sleep_until(recheck) => {}
-        }
-        Instant::now() < deadline || !self.ctx.backends.has_full_backend()
     }
 }
 
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
-        self.ctx.queued.fetch_sub(1, Relaxed);
         self.ctx.metrics.queue_length.decrement(1.0);
         self.ctx
             .metrics

@@ -29,7 +29,7 @@ mod replay;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,8 +84,6 @@ pub(crate) struct Context {
     pub(crate) hard_stop: CancellationToken,
     /// When the last warning of a client that could not be carried was logged (`now_ms`).
     last_refusal_log: AtomicU64,
-    /// Clients waiting for a backend below its cap.
-    pub(crate) queued: AtomicUsize,
 }
 
 impl Context {
@@ -100,7 +98,6 @@ impl Context {
             metrics: GlobalMetrics::register(),
             hard_stop,
             last_refusal_log: AtomicU64::new(0),
-            queued: AtomicUsize::new(0),
         }
     }
 

@@ -95,6 +95,11 @@ impl BalancerHandle {
         self.shared.tracker.len()
     }
 
+    /// Clients waiting now for a backend below its cap ([`BackendConfig::max_connections`]).
+    pub fn queued(&self) -> usize {
+        self.registry().queue().len()
+    }
+
     /// Live state of every backend, in configuration order, then those removed and still draining.
     pub fn backends(&self) -> Vec<BackendStats> {
         self.registry().stats()

@@ -183,6 +183,35 @@ pub struct BalancerArgs {
     )]
     pub backends: Vec<BackendSpec>,
 
+    /// Backup backends, HOST:PORT[@WEIGHT], comma-separated, repeatable: used only while no backend of
+    /// --backends may be picked (all down, out of rotation, at their cap, or already tried by the client),
+    /// as HAProxy's `backup`.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub backup: Vec<BackendSpec>,
+
+    /// At most N connections at once to each backend (HAProxy's `maxconn`); when every backend that may
+    /// be picked is at its cap, clients wait in a FIFO queue (--max-queue, --queue-timeout).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub backend_max_connections: Option<u32>,
+
+    /// Clients that may wait for a backend below its cap; past it they are closed at once.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10_000,
+        allow_hyphen_values = true
+    )]
+    pub max_queue: usize,
+
+    /// How long a client may wait for a backend below its cap before it is closed.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub queue_timeout: Duration,
+
+    /// A backend that joins, or comes back up, ramps its weight from near 0 to full over this long, with
+    /// every strategy (0: off).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub slow_start: Duration,
+
     /// How to choose a backend for each connection: round-robin (weighted, smooth), least-connections
     /// (fewest active per unit of weight), random (weighted) or p2c (the less loaded of two random picks).
     #[arg(
@@ -367,11 +396,32 @@ impl BalancerArgs {
     /// Resolves the backends and builds the validated configuration.
     /// `fd_limit` is the process's open-file limit, for the default connection limit.
     pub async fn into_config(self, fd_limit: Option<u64>) -> Result<BalancerConfig, ConfigError> {
-        let mut backends = Vec::with_capacity(self.backends.len());
-        for spec in &self.backends {
-            backends.push(spec.resolve().await?);
+        if let Some(cap) = self.backend_max_connections {
+            let max = ulb_tcp::config::MAX_CONNECTIONS;
+            if cap == 0 || cap as usize > max {
+                return Err(ConfigError::OutOfRange {
+                    field: "backend_max_connections".into(),
+                    value: cap.to_string(),
+                    range: format!("1..={max}"),
+                });
+            }
+        }
+        let mut backends = Vec::with_capacity(self.backends.len() + self.backup.len());
+        for (spec, backup) in self
+            .backends
+            .iter()
+            .map(|s| (s, false))
+            .chain(self.backup.iter().map(|s| (s, true)))
+        {
+            let mut backend = spec.resolve().await?.with_backup(backup);
+            if let Some(cap) = self.backend_max_connections {
+                backend = backend.with_max_connections(cap);
+            }
+            backends.push(backend);
         }
         let config = BalancerConfig::new(backends)
+            .slow_start(self.slow_start)
+            .queue(self.max_queue, self.queue_timeout)
             .strategy(self.strategy)
             .connect_timeout(self.connect_timeout)
             .connect_attempts(self.connect_attempts)
@@ -408,6 +458,10 @@ const FLAGS: &[(&str, &str)] = &[
     ("buffer_size", "--buffer-size"),
     ("replay_limit", "--replay-limit"),
     ("copy_mode", "--copy-mode"),
+    ("slow_start", "--slow-start"),
+    ("queue_timeout", "--queue-timeout"),
+    ("max_queue", "--max-queue"),
+    ("backend_max_connections", "--backend-max-connections"),
 ];
 
 /// A configuration error in the command's words: a field is named by the flag that sets it.
