@@ -293,9 +293,21 @@ impl ClusterConfig {
         let durations = [
             ("drain timeout", self.drain_timeout, Duration::ZERO),
             ("kill timeout", self.kill_timeout, Duration::ZERO),
-            ("ready poll interval", self.ready_poll_interval, Duration::from_millis(1)),
-            ("ready timeout", self.ready_timeout, Duration::from_millis(1)),
-            ("restart initial back-off", r.initial_backoff, Duration::ZERO),
+            (
+                "ready poll interval",
+                self.ready_poll_interval,
+                Duration::from_millis(1),
+            ),
+            (
+                "ready timeout",
+                self.ready_timeout,
+                Duration::from_millis(1),
+            ),
+            (
+                "restart initial back-off",
+                r.initial_backoff,
+                Duration::ZERO,
+            ),
             ("restart max back-off", r.max_backoff, Duration::ZERO),
             ("restart reset-after", r.reset_after, Duration::ZERO),
             ("restart window", r.window, Duration::ZERO),
@@ -304,6 +316,15 @@ impl ClusterConfig {
             if value < min || value > crate::config::MAX_DURATION {
                 return Err(ClusterError::Duration { what, value, min });
             }
+        }
+        // Checked here too, not only by the balancer (which runs only with `listen`): a value out of
+        // range is refused whether or not it is used.
+        if self.replay_limit > crate::config::MAX_REPLAY {
+            return Err(ClusterError::Balancer(ConfigError::out_of_range(
+                "replay_limit",
+                self.replay_limit,
+                "0 to 16 MiB",
+            )));
         }
         if let Some(listen) = self.listen {
             let p = usize::from(listen.port());
@@ -877,6 +898,20 @@ mod tests {
             e.contains("127.0.0.1:8084") && e.contains("8081-8084"),
             "{e}"
         );
+        // What the balancer would refuse is refused without one too.
+        let c = ClusterConfig::new().processes(2).replay_limit(17 << 20);
+        let e = c.validate().unwrap_err();
+        assert!(e.is_config() && e.to_string().contains("17825792"), "{e}");
+        let c = ClusterConfig::new().processes(MAX_PROCESSES + 1);
+        assert!(matches!(
+            c.validate(),
+            Err(ClusterError::TooManyProcesses { .. })
+        ));
+        let c = ClusterConfig::new().processes(usize::MAX);
+        assert!(matches!(
+            c.validate(),
+            Err(ClusterError::TooManyProcesses { .. })
+        ));
     }
 
     #[test]
