@@ -6,9 +6,9 @@ use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
@@ -25,11 +25,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line naming the bad value: clap's first paragraph, joined, without its usage hints.
-            let text = e.to_string();
-            let first = text.split("\n\n").next().unwrap_or("bad arguments");
-            let line = first.split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("ulb-tcp: {}", line.trim_start_matches("error: "));
+            eprintln!("ulb-tcp: {}", cli::usage_error_line(&e));
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -166,11 +162,11 @@ impl Listeners {
 fn cluster_main(args: ClusterArgs) -> ExitCode {
     let (config, command, metrics, log_format) = args.into_parts();
     if let Err(e) = config.validate() {
-        eprintln!("ulb-tcp: {e}");
+        eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
         return ExitCode::from(EXIT_USAGE);
     }
     if let Err(e) = command.resolve() {
-        eprintln!("ulb-tcp: {e}");
+        eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
         return ExitCode::from(EXIT_USAGE);
     }
     init_logging(log_format);
@@ -190,7 +186,7 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
         let cluster = match ulb_tcp::cluster::Cluster::new(config, command) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("ulb-tcp: {e}");
+                eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
                 return ExitCode::from(if e.is_config() {
                     EXIT_USAGE
                 } else {
