@@ -134,16 +134,35 @@ async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> (Proc, SocketAddr) {
 // Bad input: one clear line naming the value, the right exit code, never a panic.
 
 fn assert_one_line_error(args: &[&str], code: i32, names: &str) {
+    assert_error_names(args, code, &[names]);
+}
+
+/// The command exits `code` after one line, `ulb-tcp: ...`, that contains every one of `names`.
+fn assert_error_names(args: &[&str], code: i32, names: &[&str]) {
+    if let Err(why) = check_error_names(args, code, names) {
+        panic!("{why}");
+    }
+}
+
+/// What is wrong with the command's answer to `args`, if anything (see [`assert_error_names`]).
+fn check_error_names(args: &[&str], code: i32, names: &[&str]) -> Result<(), String> {
     let (status, err) = run_to_end(args);
-    assert_eq!(status.code(), Some(code), "{args:?}: stderr {err:?}");
+    if err.contains("panicked") {
+        return Err(format!("{args:?}: panicked: {err:?}"));
+    }
+    if status.code() != Some(code) {
+        return Err(format!("{args:?}: exit {status}, not {code}: {err:?}"));
+    }
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err:?}");
-    assert!(lines[0].starts_with("ulb-tcp: "), "{err:?}");
-    assert!(
-        lines[0].contains(names),
-        "{args:?}: {err:?} should name {names:?}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    if lines.len() != 1 || !lines[0].starts_with("ulb-tcp: ") {
+        return Err(format!(
+            "{args:?}: expected one line 'ulb-tcp: ...', got {err:?}"
+        ));
+    }
+    match names.iter().find(|name| !lines[0].contains(*name)) {
+        Some(name) => Err(format!("{args:?}: {err:?} should name {name:?}")),
+        None => Ok(()),
+    }
 }
 
 #[test]
@@ -197,6 +216,167 @@ fn bad_input_gets_one_line_and_exit_code_two() {
     );
 }
 
+/// Values a timer, a counter or an allocation could not take: each is refused before anything starts,
+/// with exit status 2 and one line that names the flag and the value.
+#[test]
+fn out_of_range_values_are_refused_naming_flag_and_value() {
+    // Checked before the command is looked up: a program that does not exist, so that a value let
+    // through by mistake starts no worker.
+    const NO_WORKER: &str = "/nonexistent/ulb-tcp-test-worker";
+    // On a port of its own, should one be let through by mistake and start serving.
+    const LISTEN: [&str; 2] = ["--listen", "127.0.0.1:0"];
+    let balancer = |flag: &'static str, value: &'static str| -> Vec<&'static str> {
+        vec![
+            LISTEN[0],
+            LISTEN[1],
+            "--backends",
+            "127.0.0.1:1",
+            flag,
+            value,
+        ]
+    };
+    // (arguments, what the line must contain)
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        // Negative durations and counts: called negative, not "invalid digit".
+        (
+            balancer("--idle-timeout", "-1"),
+            vec!["--idle-timeout", "'-1'", "negative"],
+        ),
+        (
+            balancer("--drain-timeout", "-5s"),
+            vec!["--drain-timeout", "'-5s'", "negative"],
+        ),
+        (
+            balancer("--connect-attempts", "-1"),
+            vec!["--connect-attempts", "'-1'", "negative"],
+        ),
+        (
+            balancer("--max-connections", "-3"),
+            vec!["--max-connections", "'-3'", "negative"],
+        ),
+        (
+            balancer("--fail-threshold", "-2"),
+            vec!["--fail-threshold", "'-2'", "negative"],
+        ),
+        // A blank line in a value must not cut the line before the flag is named.
+        (
+            balancer("--idle-timeout", "\n\n3x"),
+            vec!["--idle-timeout", "3x", "unknown unit"],
+        ),
+        // Past 24 days (MAX_DURATION): a deadline this far out would overflow `Instant + Duration`.
+        (
+            balancer("--idle-timeout", "2600000000000000h"),
+            vec!["--idle-timeout", "'2600000000000000h'", "24 days"],
+        ),
+        (
+            balancer("--half-close-timeout", "25d"),
+            vec!["--half-close-timeout", "'25d'", "24 days"],
+        ),
+        (
+            balancer("--drain-timeout", "9999999999s"),
+            vec!["--drain-timeout", "'9999999999s'", "24 days"],
+        ),
+        (
+            balancer("--down-backoff", "30d"),
+            vec!["--down-backoff", "'30d'", "24 days"],
+        ),
+        (
+            balancer("--connect-timeout", "1e400"),
+            vec!["--connect-timeout", "'1e400'"],
+        ),
+        (
+            vec!["cluster", "--kill-timeout", "30d", "--", NO_WORKER],
+            vec!["--kill-timeout", "'30d'", "24 days"],
+        ),
+        // Counts and sizes out of their documented ranges.
+        (
+            balancer("--max-connections", "99999999999"),
+            vec!["--max-connections 99999999999 is out of range", "16000000"],
+        ),
+        (
+            balancer("--max-connections", "99999999999999999999999"),
+            vec![
+                "--max-connections",
+                "'99999999999999999999999'",
+                "too large",
+            ],
+        ),
+        (
+            balancer("--buffer-size", "1"),
+            vec!["--buffer-size 1 is out of range", "512 bytes"],
+        ),
+        (
+            balancer("--buffer-size", "99m"),
+            vec!["--buffer-size 103809024 is out of range", "16 MiB"],
+        ),
+        (
+            balancer("--connect-attempts", "0"),
+            vec!["--connect-attempts 0 is out of range", "1..=64"],
+        ),
+        (
+            balancer("--connect-attempts", "65"),
+            vec!["--connect-attempts 65 is out of range", "1..=64"],
+        ),
+        (
+            balancer("--fail-threshold", "0"),
+            vec!["--fail-threshold 0 is out of range", "1..=1000"],
+        ),
+        (
+            balancer("--down-backoff", "0"),
+            vec!["--down-backoff", "out of range"],
+        ),
+        // The cluster: more processes than MAX_PROCESSES (4096), up to usize::MAX, whose last port
+        // `base + n - 1` would overflow.
+        (
+            vec!["cluster", "-p", "18446744073709551615", "--", NO_WORKER],
+            vec!["--processes", "18446744073709551615", "4096"],
+        ),
+        (
+            vec!["cluster", "-p", "5000", "--", NO_WORKER],
+            vec!["--processes", "5000", "4096"],
+        ),
+        (
+            vec!["cluster", "-p", "0", "--", NO_WORKER],
+            vec!["--processes", "0"],
+        ),
+        (
+            vec!["cluster", "-p", "-1", "--", NO_WORKER],
+            vec!["--processes", "'-1'", "negative"],
+        ),
+        (
+            vec!["cluster", "--replay-limit", "32m", "--", NO_WORKER],
+            vec!["--replay-limit", "33554432", "16 MiB"],
+        ),
+        // The same backend twice: one id, so refused, naming it.
+        (
+            vec![LISTEN[0], LISTEN[1], "-b", "127.0.0.1:1,127.0.0.1:1"],
+            vec!["'127.0.0.1:1'", "twice", "--backends"],
+        ),
+        (
+            vec![
+                LISTEN[0],
+                LISTEN[1],
+                "-b",
+                "127.0.0.1:1",
+                "-b",
+                "127.0.0.1:1@3",
+            ],
+            vec!["'127.0.0.1:1'", "twice", "--backends"],
+        ),
+    ];
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|(args, names)| check_error_names(args, 2, names).err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} cases:\n{}",
+        failed.len(),
+        cases.len(),
+        failed.join("\n")
+    );
+}
+
 #[test]
 fn listen_address_in_use_or_not_permitted_exits_one() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -242,6 +422,15 @@ fn an_unresolvable_host_is_named() {
     assert!(
         err.contains("cannot resolve backend 'no-such-host.invalid:80'"),
         "{err}"
+    );
+    // A line break in the name stays on the line, escaped.
+    let (status, err) =
+        run_cmd(Command::new("unshare").args(["-n", BIN, "-b", "no\nsuch.invalid:80"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(
+        err.contains("cannot resolve backend 'no\\nsuch.invalid:80'"),
+        "{err:?}"
     );
 }
 
