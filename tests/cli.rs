@@ -569,6 +569,33 @@ async fn sigterm_drains(runtime: &[&str]) {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A signal that comes as soon as the port accepts is a shutdown like any other: the handlers must be
+/// in place before the listener is, or the signal's default action kills the process (no drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_as_soon_as_the_port_accepts_is_a_graceful_shutdown() {
+    let backend = Backend::echo().await;
+    let target = backend.addr.to_string();
+    let runtimes: &[&str] = if cfg!(target_os = "linux") {
+        &["per-core", "work-stealing"]
+    } else {
+        &["work-stealing"]
+    };
+    let signals = [libc::SIGTERM, libc::SIGINT];
+    for round in 0..16 {
+        let runtime = runtimes[round % runtimes.len()];
+        let (mut lb, _) = start(&["--backends", &target, "--runtime", runtime]).await;
+        lb.signal(signals[round / 2 % 2]);
+        let status = lb
+            .wait_for(Duration::from_secs(10))
+            .expect("no exit after the signal");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round} ({runtime}): {status}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let backend = Backend::tagged(0).await;

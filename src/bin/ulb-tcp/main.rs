@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
+#[cfg(unix)]
+use tokio::signal::unix::Signal;
 use tracing_subscriber::EnvFilter;
 
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
@@ -91,6 +93,9 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Before anything listens: a signal that comes as soon as the port accepts must start the drain,
+    // not take its default action (which ends the process on the spot).
+    let signals = StopSignals::install();
     let listeners = match Listeners::bind(listen, mode, threads) {
         Ok(l) => l,
         Err(e) => {
@@ -113,7 +118,7 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
         "ulb-tcp {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    match listeners.serve(balancer).await {
+    match listeners.serve(balancer, signals).await {
         Ok(_) if FORCED.load(Ordering::Relaxed) => ExitCode::from(EXIT_FAILURE),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
@@ -148,12 +153,16 @@ impl Listeners {
         }
     }
 
-    async fn serve(self, balancer: TcpBalancer) -> io::Result<ShutdownReport> {
-        let handle = balancer.handle();
+    async fn serve(
+        self,
+        balancer: TcpBalancer,
+        signals: StopSignals,
+    ) -> io::Result<ShutdownReport> {
+        let stop = shutdown_signal(balancer.handle(), signals);
         match self {
-            Listeners::One(l) => balancer.serve(l, shutdown_signal(handle)).await,
+            Listeners::One(l) => balancer.serve(l, stop).await,
             #[cfg(target_os = "linux")]
-            Listeners::PerCore(l) => balancer.serve_per_core(l, shutdown_signal(handle)).await,
+            Listeners::PerCore(l) => balancer.serve_per_core(l, stop).await,
         }
     }
 }
@@ -209,15 +218,59 @@ static FORCED: AtomicBool = AtomicBool::new(false);
 
 /// Resolves on the first SIGINT or SIGTERM. A second one resets every connection still open (a client
 /// must never take a cut stream for a complete one) and the command exits 1 as soon as they are closed.
-async fn shutdown_signal(handle: BalancerHandle) {
-    ulb_tcp::signal::stop_signal().await;
+async fn shutdown_signal(handle: BalancerHandle, mut signals: StopSignals) {
+    signals.next().await;
     tracing::info!("shutdown signal received; draining (send it again to exit at once)");
     tokio::spawn(async move {
-        ulb_tcp::signal::stop_signal().await;
+        signals.next().await;
         tracing::warn!("second signal; resetting the connections still open and exiting");
         FORCED.store(true, Ordering::Relaxed);
         handle.force_shutdown();
     });
+}
+
+/// SIGTERM and SIGINT, caught from the moment this is made (a signal that comes before anyone waits
+/// is kept for the next wait, not lost, and never takes its default action).
+struct StopSignals {
+    #[cfg(unix)]
+    caught: Option<(Signal, Signal)>,
+}
+
+impl StopSignals {
+    /// Installs the handlers. Must run inside the runtime.
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(term), Ok(int)) => StopSignals {
+                    caught: Some((term, int)),
+                },
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::error!(error = %e, "cannot install the signal handlers; Ctrl-C only");
+                    StopSignals { caught: None }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        StopSignals {}
+    }
+
+    /// Resolves on the next signal.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.caught {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The runtime `builder` describes, or the exit code after saying why it cannot start.
