@@ -96,6 +96,39 @@ async fn start(extra: &[&str]) -> (Proc, SocketAddr) {
 
 /// The same, run through `wrapper` (for example `prlimit --nofile=48:48`) when it is not empty.
 async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> (Proc, SocketAddr) {
+    let (lb, addr, _) = start_inner(wrapper, extra, false).await;
+    (lb, addr)
+}
+
+/// Starts the balancer on a free port, keeping what it writes to stderr.
+async fn start_logged(extra: &[&str]) -> (Proc, SocketAddr, Stderr) {
+    start_inner(&[], extra, true).await
+}
+
+/// What a process wrote to stderr so far, collected by a thread (which ends with the process).
+#[derive(Clone, Default)]
+struct Stderr(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Stderr {
+    fn collect(&self, mut from: impl Read + Send + 'static) {
+        let into = self.0.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                into.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+async fn start_inner(wrapper: &[&str], extra: &[&str], log: bool) -> (Proc, SocketAddr, Stderr) {
     for _ in 0..5 {
         let listen = free_port();
         let mut args: Vec<String> = wrapper.iter().skip(1).map(|s| s.to_string()).collect();
@@ -111,14 +144,18 @@ async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> (Proc, SocketAddr) {
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(if log { Stdio::piped() } else { Stdio::null() })
                 .spawn()
                 .unwrap(),
         );
+        let stderr = Stderr::default();
+        if let Some(pipe) = child.0.stderr.take() {
+            stderr.collect(pipe);
+        }
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(10) {
             if TcpStream::connect(listen).await.is_ok() {
-                return (child, listen);
+                return (child, listen, stderr);
             }
             if child.0.try_wait().unwrap().is_some() {
                 break; // the port was taken in between: try another
@@ -134,16 +171,35 @@ async fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> (Proc, SocketAddr) {
 // Bad input: one clear line naming the value, the right exit code, never a panic.
 
 fn assert_one_line_error(args: &[&str], code: i32, names: &str) {
+    assert_error_names(args, code, &[names]);
+}
+
+/// The command exits `code` after one line, `ulb-tcp: ...`, that contains every one of `names`.
+fn assert_error_names(args: &[&str], code: i32, names: &[&str]) {
+    if let Err(why) = check_error_names(args, code, names) {
+        panic!("{why}");
+    }
+}
+
+/// What is wrong with the command's answer to `args`, if anything (see [`assert_error_names`]).
+fn check_error_names(args: &[&str], code: i32, names: &[&str]) -> Result<(), String> {
     let (status, err) = run_to_end(args);
-    assert_eq!(status.code(), Some(code), "{args:?}: stderr {err:?}");
+    if err.contains("panicked") {
+        return Err(format!("{args:?}: panicked: {err:?}"));
+    }
+    if status.code() != Some(code) {
+        return Err(format!("{args:?}: exit {status}, not {code}: {err:?}"));
+    }
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err:?}");
-    assert!(lines[0].starts_with("ulb-tcp: "), "{err:?}");
-    assert!(
-        lines[0].contains(names),
-        "{args:?}: {err:?} should name {names:?}"
-    );
-    assert!(!err.contains("panicked"), "{err}");
+    if lines.len() != 1 || !lines[0].starts_with("ulb-tcp: ") {
+        return Err(format!(
+            "{args:?}: expected one line 'ulb-tcp: ...', got {err:?}"
+        ));
+    }
+    match names.iter().find(|name| !lines[0].contains(*name)) {
+        Some(name) => Err(format!("{args:?}: {err:?} should name {name:?}")),
+        None => Ok(()),
+    }
 }
 
 #[test]
@@ -197,6 +253,167 @@ fn bad_input_gets_one_line_and_exit_code_two() {
     );
 }
 
+/// Values a timer, a counter or an allocation could not take: each is refused before anything starts,
+/// with exit status 2 and one line that names the flag and the value.
+#[test]
+fn out_of_range_values_are_refused_naming_flag_and_value() {
+    // Checked before the command is looked up: a program that does not exist, so that a value let
+    // through by mistake starts no worker.
+    const NO_WORKER: &str = "/nonexistent/ulb-tcp-test-worker";
+    // On a port of its own, should one be let through by mistake and start serving.
+    const LISTEN: [&str; 2] = ["--listen", "127.0.0.1:0"];
+    let balancer = |flag: &'static str, value: &'static str| -> Vec<&'static str> {
+        vec![
+            LISTEN[0],
+            LISTEN[1],
+            "--backends",
+            "127.0.0.1:1",
+            flag,
+            value,
+        ]
+    };
+    // (arguments, what the line must contain)
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        // Negative durations and counts: called negative, not "invalid digit".
+        (
+            balancer("--idle-timeout", "-1"),
+            vec!["--idle-timeout", "'-1'", "negative"],
+        ),
+        (
+            balancer("--drain-timeout", "-5s"),
+            vec!["--drain-timeout", "'-5s'", "negative"],
+        ),
+        (
+            balancer("--connect-attempts", "-1"),
+            vec!["--connect-attempts", "'-1'", "negative"],
+        ),
+        (
+            balancer("--max-connections", "-3"),
+            vec!["--max-connections", "'-3'", "negative"],
+        ),
+        (
+            balancer("--fail-threshold", "-2"),
+            vec!["--fail-threshold", "'-2'", "negative"],
+        ),
+        // A blank line in a value must not cut the line before the flag is named.
+        (
+            balancer("--idle-timeout", "\n\n3x"),
+            vec!["--idle-timeout", "3x", "unknown unit"],
+        ),
+        // Past 24 days (MAX_DURATION): a deadline this far out would overflow `Instant + Duration`.
+        (
+            balancer("--idle-timeout", "2600000000000000h"),
+            vec!["--idle-timeout", "'2600000000000000h'", "24 days"],
+        ),
+        (
+            balancer("--half-close-timeout", "25d"),
+            vec!["--half-close-timeout", "'25d'", "24 days"],
+        ),
+        (
+            balancer("--drain-timeout", "9999999999s"),
+            vec!["--drain-timeout", "'9999999999s'", "24 days"],
+        ),
+        (
+            balancer("--down-backoff", "30d"),
+            vec!["--down-backoff", "'30d'", "24 days"],
+        ),
+        (
+            balancer("--connect-timeout", "1e400"),
+            vec!["--connect-timeout", "'1e400'"],
+        ),
+        (
+            vec!["cluster", "--kill-timeout", "30d", "--", NO_WORKER],
+            vec!["--kill-timeout", "'30d'", "24 days"],
+        ),
+        // Counts and sizes out of their documented ranges.
+        (
+            balancer("--max-connections", "99999999999"),
+            vec!["--max-connections 99999999999 is out of range", "16000000"],
+        ),
+        (
+            balancer("--max-connections", "99999999999999999999999"),
+            vec![
+                "--max-connections",
+                "'99999999999999999999999'",
+                "too large",
+            ],
+        ),
+        (
+            balancer("--buffer-size", "1"),
+            vec!["--buffer-size 1 is out of range", "512 bytes"],
+        ),
+        (
+            balancer("--buffer-size", "99m"),
+            vec!["--buffer-size 103809024 is out of range", "16 MiB"],
+        ),
+        (
+            balancer("--connect-attempts", "0"),
+            vec!["--connect-attempts 0 is out of range", "1..=64"],
+        ),
+        (
+            balancer("--connect-attempts", "65"),
+            vec!["--connect-attempts 65 is out of range", "1..=64"],
+        ),
+        (
+            balancer("--fail-threshold", "0"),
+            vec!["--fail-threshold 0 is out of range", "1..=1000"],
+        ),
+        (
+            balancer("--down-backoff", "0"),
+            vec!["--down-backoff", "out of range"],
+        ),
+        // The cluster: more processes than MAX_PROCESSES (4096), up to usize::MAX, whose last port
+        // `base + n - 1` would overflow.
+        (
+            vec!["cluster", "-p", "18446744073709551615", "--", NO_WORKER],
+            vec!["--processes", "18446744073709551615", "4096"],
+        ),
+        (
+            vec!["cluster", "-p", "5000", "--", NO_WORKER],
+            vec!["--processes", "5000", "4096"],
+        ),
+        (
+            vec!["cluster", "-p", "0", "--", NO_WORKER],
+            vec!["--processes", "0"],
+        ),
+        (
+            vec!["cluster", "-p", "-1", "--", NO_WORKER],
+            vec!["--processes", "'-1'", "negative"],
+        ),
+        (
+            vec!["cluster", "--replay-limit", "32m", "--", NO_WORKER],
+            vec!["--replay-limit", "33554432", "16 MiB"],
+        ),
+        // The same backend twice: one id, so refused, naming it.
+        (
+            vec![LISTEN[0], LISTEN[1], "-b", "127.0.0.1:1,127.0.0.1:1"],
+            vec!["'127.0.0.1:1'", "twice", "--backends"],
+        ),
+        (
+            vec![
+                LISTEN[0],
+                LISTEN[1],
+                "-b",
+                "127.0.0.1:1",
+                "-b",
+                "127.0.0.1:1@3",
+            ],
+            vec!["'127.0.0.1:1'", "twice", "--backends"],
+        ),
+    ];
+    let failed: Vec<String> = cases
+        .iter()
+        .filter_map(|(args, names)| check_error_names(args, 2, names).err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} cases:\n{}",
+        failed.len(),
+        cases.len(),
+        failed.join("\n")
+    );
+}
+
 #[test]
 fn listen_address_in_use_or_not_permitted_exits_one() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -242,6 +459,15 @@ fn an_unresolvable_host_is_named() {
     assert!(
         err.contains("cannot resolve backend 'no-such-host.invalid:80'"),
         "{err}"
+    );
+    // A line break in the name stays on the line, escaped.
+    let (status, err) =
+        run_cmd(Command::new("unshare").args(["-n", BIN, "-b", "no\nsuch.invalid:80"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err:?}");
+    assert!(
+        err.contains("cannot resolve backend 'no\\nsuch.invalid:80'"),
+        "{err:?}"
     );
 }
 
@@ -343,6 +569,33 @@ async fn sigterm_drains(runtime: &[&str]) {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A signal that comes as soon as the port accepts is a shutdown like any other: the handlers must be
+/// in place before the listener is, or the signal's default action kills the process (no drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_as_soon_as_the_port_accepts_is_a_graceful_shutdown() {
+    let backend = Backend::echo().await;
+    let target = backend.addr.to_string();
+    let runtimes: &[&str] = if cfg!(target_os = "linux") {
+        &["per-core", "work-stealing"]
+    } else {
+        &["work-stealing"]
+    };
+    let signals = [libc::SIGTERM, libc::SIGINT];
+    for round in 0..16 {
+        let runtime = runtimes[round % runtimes.len()];
+        let (mut lb, _) = start(&["--backends", &target, "--runtime", runtime]).await;
+        lb.signal(signals[round / 2 % 2]);
+        let status = lb
+            .wait_for(Duration::from_secs(10))
+            .expect("no exit after the signal");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "round {round} ({runtime}): {status}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
     let backend = Backend::tagged(0).await;
@@ -367,6 +620,166 @@ async fn a_second_signal_exits_at_once() {
         .expect("second signal ignored");
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(status.code(), Some(1));
+}
+
+/// Every duration at its maximum (24 days) with replay on: deadlines are computed as `Instant + limit`
+/// on every connection (replay's idle timer, the splice's idle and half-close timers, the drain), and a
+/// limit that overflowed them would panic each connection's task. Real traffic must come through
+/// byte-exact, and the process must still be there, and drain, afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_duration_at_its_maximum_carries_traffic() {
+    let backend = Backend::echo().await;
+    let target = backend.addr.to_string();
+    let max = "24d";
+    let (mut lb, addr, stderr) = start_logged(&[
+        "--backends",
+        &target,
+        "--idle-timeout",
+        max,
+        "--half-close-timeout",
+        max,
+        "--drain-timeout",
+        max,
+        "--connect-timeout",
+        max,
+        "--down-backoff",
+        max,
+        "--replay-limit",
+        "64k",
+    ])
+    .await;
+
+    // Small exchanges (answered within the replay phase) and bulk ones (past the replay limit, through
+    // the splice with its half-close), at once.
+    let mut transfers = tokio::task::JoinSet::new();
+    for (i, len) in [1, 100, 64 << 10, (64 << 10) + 1, 1 << 20, 4 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let data = Arc::new(pattern(100 + i as u64, len));
+        transfers.spawn(async move {
+            let got = common::echo_roundtrip(addr, data.clone()).await;
+            (len, got.map(|got| got == *data))
+        });
+    }
+    while let Some(done) = transfers.join_next().await {
+        let (len, exact) = done.unwrap();
+        match exact {
+            Ok(exact) => assert!(exact, "{len} bytes came back different"),
+            Err(e) => panic!("{len} bytes: {e} (stderr: {})", stderr.text()),
+        }
+    }
+    // A request–response on one connection: the answer ends the replay phase, the rest is spliced.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for round in 0..3u64 {
+        let msg = pattern(200 + round, 10_000);
+        s.write_all(&msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert!(back == msg, "round {round} came back different");
+    }
+    drop(s);
+
+    assert!(
+        lb.0.try_wait().unwrap().is_none(),
+        "the balancer exited: {}",
+        stderr.text()
+    );
+    let log = stderr.text();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(log.contains("starting"), "{log}");
+    // Nothing in flight: a 24-day drain ends at once.
+    lb.signal(libc::SIGTERM);
+    let status = lb
+        .wait_for(Duration::from_secs(10))
+        .expect("no exit after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", stderr.text());
+    assert!(!stderr.text().contains("panicked"), "{}", stderr.text());
+}
+
+/// Reads at least `n` bytes of a stream that must go on (each read within 10 s).
+async fn read_at_least(client: &mut TcpStream, n: usize) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    while total < n {
+        match tokio::time::timeout(Duration::from_secs(10), client.read(&mut buf)).await {
+            Ok(Ok(0)) => panic!("the stream ended after {total} bytes"),
+            Ok(Ok(k)) => total += k,
+            Ok(Err(e)) => panic!("the stream failed after {total} bytes: {e}"),
+            Err(_) => panic!("the stream stalled after {total} bytes"),
+        }
+    }
+}
+
+/// A second SIGTERM during the drain stops at once, and a stream still in flight must end in a reset: a
+/// clean FIN would let the client take a stream cut in the middle for a complete one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_resets_a_stream_in_flight() {
+    second_signal_resets(&["--runtime", "work-stealing"]).await;
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_resets_a_stream_in_flight_per_core() {
+    second_signal_resets(&["--runtime", "per-core", "--threads", "2"]).await;
+}
+
+async fn second_signal_resets(runtime: &[&str]) {
+    // A backend that streams without end, 16 KiB every 5 ms, until its client goes away.
+    let backend = Backend::spawn(|mut s| async move {
+        let chunk = pattern(7, 16 << 10);
+        while s.write_all(&chunk).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(5)).await; // pacing, not waiting for a state
+        }
+    })
+    .await;
+    let target = backend.addr.to_string();
+    let mut args = vec!["--backends", &target, "--drain-timeout", "60s"];
+    args.extend(runtime);
+    let (mut lb, addr, stderr) = start_logged(&args).await;
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    read_at_least(&mut client, 128 << 10).await;
+
+    // The first signal: the drain begins (no new connects) and the stream goes on.
+    lb.signal(libc::SIGTERM);
+    wait_until("new connects to be refused", Duration::from_secs(5), || {
+        matches!(std::net::TcpStream::connect(addr),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+    })
+    .await;
+    read_at_least(&mut client, 256 << 10).await;
+    assert!(
+        lb.0.try_wait().unwrap().is_none(),
+        "{runtime:?}: it must drain the stream, not exit"
+    );
+
+    // The second signal: the stream ends with a reset, never a clean EOF.
+    lb.signal(libc::SIGTERM);
+    let mut buf = vec![0u8; 64 << 10];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let end = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.read(&mut buf)).await {
+            Ok(Ok(0)) => break Ok(()),
+            Ok(Ok(_)) => continue, // what was already on its way
+            Ok(Err(e)) => break Err(e),
+            Err(_) => panic!("{runtime:?}: the stream went on after the second signal"),
+        }
+    };
+    match end {
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "{runtime:?}: {e}"
+        ),
+        Ok(()) => panic!("{runtime:?}: a clean EOF after the second signal; a reset was due"),
+    }
+    let status = lb
+        .wait_for(Duration::from_secs(5))
+        .expect("no exit after the second signal");
+    assert_eq!(status.code(), Some(1), "{runtime:?}: {}", stderr.text());
+    assert!(!stderr.text().contains("panicked"), "{}", stderr.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -317,6 +317,15 @@ impl ClusterConfig {
                 return Err(ClusterError::Duration { what, value, min });
             }
         }
+        // Checked here too, not only by the balancer (which runs only with `listen`): a value out of
+        // range is refused whether or not it is used.
+        if self.replay_limit > crate::config::MAX_REPLAY {
+            return Err(ClusterError::Balancer(ConfigError::out_of_range(
+                "replay_limit",
+                self.replay_limit,
+                "0 to 16 MiB",
+            )));
+        }
         if let Some(listen) = self.listen {
             let p = usize::from(listen.port());
             if p >= usize::from(self.base_port) && p <= last {
@@ -758,9 +767,11 @@ impl Cluster {
     /// SIGINT/SIGTERM skips the drain and kills the workers at once. Without Unix signals: until Ctrl-C.
     pub async fn run_with_signals(self) -> Result<(), ClusterError> {
         let handle = self.handle();
+        // Caught from now on, before any port is bound or worker started: an early signal drains too.
+        let signals = crate::signal::StopSignals::install();
         #[cfg(unix)]
         let hup = tokio::spawn(sys::rolling_restart_on_sighup(handle.clone()));
-        let result = self.run(sys::stop_signal(handle)).await;
+        let result = self.run(sys::stop_signal(handle, signals)).await;
         #[cfg(unix)]
         hup.abort();
         result
@@ -889,6 +900,20 @@ mod tests {
             e.contains("127.0.0.1:8084") && e.contains("8081-8084"),
             "{e}"
         );
+        // What the balancer would refuse is refused without one too.
+        let c = ClusterConfig::new().processes(2).replay_limit(17 << 20);
+        let e = c.validate().unwrap_err();
+        assert!(e.is_config() && e.to_string().contains("17825792"), "{e}");
+        let c = ClusterConfig::new().processes(MAX_PROCESSES + 1);
+        assert!(matches!(
+            c.validate(),
+            Err(ClusterError::TooManyProcesses { .. })
+        ));
+        let c = ClusterConfig::new().processes(usize::MAX);
+        assert!(matches!(
+            c.validate(),
+            Err(ClusterError::TooManyProcesses { .. })
+        ));
     }
 
     #[test]

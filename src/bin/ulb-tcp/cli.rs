@@ -7,7 +7,7 @@ use std::time::Duration;
 use std::ffi::OsString;
 
 use clap::{Parser, ValueEnum};
-use ulb_tcp::cluster::{ClusterConfig, RestartPolicy, WorkerCommand};
+use ulb_tcp::cluster::{ClusterConfig, ClusterError, RestartPolicy, WorkerCommand, MAX_PROCESSES};
 use ulb_tcp::{
     BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth, Strategy, MAX_THREADS,
 };
@@ -71,7 +71,7 @@ drained first. Output lines of worker i are prefixed with [worker i].";
 #[derive(Debug, clap::Args)]
 pub struct ClusterArgs {
     /// Number of worker processes. Default: the number of CPUs.
-    #[arg(long, short = 'p', value_name = "N", allow_hyphen_values = true)]
+    #[arg(long, short = 'p', value_name = "N", value_parser = parse_count::<usize>, allow_hyphen_values = true)]
     pub processes: Option<usize>,
 
     /// Worker i listens on BASE+i (given as ULB_WORKER_PORT and PORT, and as {port} in the arguments).
@@ -105,12 +105,7 @@ pub struct ClusterArgs {
     pub kill_timeout: Duration,
 
     /// Crashes within --restart-window after which a worker is given up.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 5,
-        allow_hyphen_values = true
-    )]
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = parse_count::<u32>, allow_hyphen_values = true)]
     pub max_restarts: u32,
 
     /// See --max-restarts.
@@ -227,12 +222,7 @@ pub struct BalancerArgs {
     pub connect_timeout: Duration,
 
     /// Backends tried per client connection (each a different one) before the client is closed.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 3,
-        allow_hyphen_values = true
-    )]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count::<u32>, allow_hyphen_values = true)]
     pub connect_attempts: u32,
 
     /// Close both sides of a connection that carried no bytes either way for this long.
@@ -245,7 +235,7 @@ pub struct BalancerArgs {
 
     /// Connections carried at once; further clients wait in the kernel's accept backlog. Default: as many
     /// as the open-file limit allows (two descriptors each), at most 100000.
-    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    #[arg(long, value_name = "N", value_parser = parse_count::<usize>, allow_hyphen_values = true)]
     pub max_connections: Option<usize>,
 
     /// On SIGINT/SIGTERM, how long connections in flight may take to finish before they are closed.
@@ -253,12 +243,7 @@ pub struct BalancerArgs {
     pub drain_timeout: Duration,
 
     /// Consecutive failed connects that take a backend out of rotation (passive health).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 3,
-        allow_hyphen_values = true
-    )]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count::<u32>, allow_hyphen_values = true)]
     pub fail_threshold: u32,
 
     /// How long a failing backend stays out of rotation; doubles while it keeps failing, up to 60s.
@@ -329,6 +314,24 @@ pub fn parse_threads(s: &str) -> Result<NonZeroUsize, String> {
         .ok()
         .filter(|n| n.get() <= MAX_THREADS)
         .ok_or_else(|| format!("'{s}' is not a thread count (1 to {MAX_THREADS})"))
+}
+
+/// Parses a whole number for a count (its range is checked with the rest of the configuration). A
+/// negative or oversized number is called that, rather than "invalid digit".
+pub fn parse_count<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr<Err = std::num::ParseIntError>,
+{
+    let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "'{s}' is negative (a count is a whole number, 0 or more)"
+        ));
+    }
+    t.parse::<T>().map_err(|e| match e.kind() {
+        std::num::IntErrorKind::PosOverflow => format!("'{s}' is too large for a count"),
+        _ => format!("'{s}' is not a whole number"),
+    })
 }
 
 /// Parses `65536`, `64k` or `1m`.
@@ -445,6 +448,42 @@ impl BalancerArgs {
     }
 }
 
+/// A flag error as the one line the command prints: clap's message without its usage, tips and
+/// pointer to --help, on one line. (Not just its first paragraph: a value with a blank line in it would
+/// cut the message before the flag is named.)
+pub fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let message: Vec<&str> = text
+        .split("\n\n")
+        .filter(|p| {
+            let p = p.trim_start();
+            !(p.starts_with("Usage:")
+                || p.starts_with("tip:")
+                || p.starts_with("For more information"))
+        })
+        .collect();
+    let joined = message.join(" ");
+    let line = escape_controls(&joined.split_whitespace().collect::<Vec<_>>().join(" "));
+    match line.trim_start_matches("error: ") {
+        "" => "bad arguments (see --help)".to_string(),
+        line => line.to_string(),
+    }
+}
+
+/// `s` with every control character, line breaks included, written as an escape (`\n`, `\u{1b}`), so
+/// that no value can break the line it is quoted in, or send the terminal a command.
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .fold(String::with_capacity(s.len()), |mut out, c| {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+            out
+        })
+}
+
 /// The library's configuration fields and the flags that set them.
 const FLAGS: &[(&str, &str)] = &[
     ("connect_timeout", "--connect-timeout"),
@@ -464,7 +503,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("backend_max_connections", "--backend-max-connections"),
 ];
 
-/// A configuration error in the command's words: a field is named by the flag that sets it.
+/// A configuration error in the command's words, on one line: a field is named by the flag that sets
+/// it, and a value that holds a line break (a host name, say) shows it escaped.
 pub fn in_flag_words(e: &ConfigError) -> String {
     let flag = |field: &str| {
         FLAGS
@@ -472,10 +512,12 @@ pub fn in_flag_words(e: &ConfigError) -> String {
             .find(|(f, _)| *f == field)
             .map(|(_, flag)| *flag)
     };
-    match e {
-        ConfigError::NoBackends => {
-            "no backends given (use --backends HOST:PORT[@WEIGHT],...)".into()
-        }
+    let words = match e {
+        ConfigError::NoBackends => "no backends given (use --backends HOST:PORT[@WEIGHT],...)".into(),
+        // A backend's id on the command line is its HOST:PORT as written: the same one twice.
+        ConfigError::DuplicateBackend { id } => format!(
+            "--backends lists '{id}' twice (list a backend once; a weight, {id}@2, gives it a larger share)"
+        ),
         ConfigError::OutOfRange {
             field,
             value,
@@ -489,7 +531,51 @@ pub fn in_flag_words(e: &ConfigError) -> String {
             None => e.to_string(),
         },
         _ => e.to_string(),
-    }
+    };
+    escape_controls(&words)
+}
+
+/// A cluster's configuration error in the command's words, on one line: the flag that sets the value
+/// is named with it.
+pub fn cluster_in_flag_words(e: &ClusterError) -> String {
+    let words = match e {
+        ClusterError::NoProcesses => {
+            format!("--processes 0 is out of range (1 to {MAX_PROCESSES})")
+        }
+        ClusterError::TooManyProcesses { processes } => {
+            format!("--processes {processes} is out of range (1 to {MAX_PROCESSES})")
+        }
+        ClusterError::BasePortZero => "--base-port 0 is not a port workers can listen on".into(),
+        ClusterError::PortRange {
+            base_port,
+            processes,
+        } => format!(
+            "--base-port {base_port} with --processes {processes} needs ports past 65535 \
+             (worker i listens on base + i)"
+        ),
+        ClusterError::Duration { what, value, min } => {
+            let flag = match *what {
+                "drain timeout" => Some("--drain-timeout"),
+                "kill timeout" => Some("--kill-timeout"),
+                "restart window" => Some("--restart-window"),
+                _ => None,
+            };
+            match flag {
+                Some(flag) => format!("{flag} {value:?} is out of range ({min:?} to 24 days)"),
+                None => e.to_string(),
+            }
+        }
+        ClusterError::ListenCollides {
+            listen,
+            first,
+            last,
+        } => format!(
+            "--listen {listen} collides with the worker ports {first}-{last} (--base-port, --processes)"
+        ),
+        ClusterError::Balancer(e) => return in_flag_words(e),
+        _ => e.to_string(),
+    };
+    escape_controls(&words)
 }
 
 /// Two descriptors per connection, 64 kept for the process itself; 100,000 at most, 1 at least.
@@ -526,6 +612,90 @@ mod tests {
         assert_eq!(parse_size("64k"), Ok(65536));
         assert_eq!(parse_size("1M"), Ok(1 << 20));
         assert!(parse_size("lots").unwrap_err().contains("'lots'"));
+    }
+
+    #[test]
+    fn counts() {
+        assert_eq!(parse_count::<u32>("3"), Ok(3));
+        assert_eq!(parse_count::<usize>(" 7 "), Ok(7));
+        for (bad, why) in [
+            ("-1", "is negative"),
+            ("-0", "is negative"),
+            ("4294967296", "is too large"),
+            ("", "is not a whole number"),
+            ("3x", "is not a whole number"),
+            ("1.5", "is not a whole number"),
+        ] {
+            let e = parse_count::<u32>(bad).unwrap_err();
+            assert!(e.contains(&format!("'{bad}' {why}")), "{bad:?}: {e}");
+        }
+    }
+
+    /// The line printed for a flag error names the flag and the value, whatever the value holds.
+    #[test]
+    fn a_flag_error_is_one_line_naming_the_flag() {
+        let line = |args: &[&str]| {
+            let e = Cli::try_parse_from(args).unwrap_err();
+            usage_error_line(&e)
+        };
+        // A blank line in the value used to cut the message at "invalid value '".
+        let l = line(&["ulb-tcp", "-b", "127.0.0.1:1", "--idle-timeout", "\n\na"]);
+        assert!(
+            l.contains("--idle-timeout") && l.contains("not a duration"),
+            "{l:?}"
+        );
+        for value in ["x\u{1b}[2Jy", "x\u{7}\ry", "x\u{0}y"] {
+            let l = line(&["ulb-tcp", "-b", "127.0.0.1:1", "--strategy", value]);
+            assert!(
+                l.contains("--strategy") && l.contains("unknown strategy 'x"),
+                "{l:?}"
+            );
+            assert!(!l.chars().any(char::is_control), "{l:?}");
+        }
+        // Usage and tips are left out.
+        let l = line(&["ulb-tcp", "-b", "127.0.0.1:1", "--no-such-flag"]);
+        assert_eq!(l, "unexpected argument '--no-such-flag' found");
+        let l = line(&["ulb-tcp"]);
+        assert_eq!(
+            l,
+            "the following required arguments were not provided: --backends <LIST>"
+        );
+    }
+
+    #[test]
+    fn configuration_errors_are_in_flag_words_on_one_line() {
+        let e = ConfigError::DuplicateBackend {
+            id: "127.0.0.1:1".into(),
+        };
+        assert_eq!(
+            in_flag_words(&e),
+            "--backends lists '127.0.0.1:1' twice (list a backend once; a weight, 127.0.0.1:1@2, \
+             gives it a larger share)"
+        );
+        let e = ConfigError::Unresolvable {
+            value: "a\nb:80".into(),
+            why: "no such host".into(),
+        };
+        assert_eq!(
+            in_flag_words(&e),
+            "cannot resolve backend 'a\\nb:80': no such host"
+        );
+        let words = |c: ClusterConfig| cluster_in_flag_words(&c.validate().unwrap_err());
+        assert_eq!(
+            words(ClusterConfig::new().processes(5000)),
+            "--processes 5000 is out of range (1 to 4096)"
+        );
+        assert_eq!(
+            words(ClusterConfig::new().processes(0)),
+            "--processes 0 is out of range (1 to 4096)"
+        );
+        assert!(
+            words(ClusterConfig::new().kill_timeout(Duration::MAX)).starts_with("--kill-timeout ")
+        );
+        assert!(
+            words(ClusterConfig::new().processes(1).replay_limit(17 << 20))
+                .starts_with("--replay-limit 17825792 is out of range")
+        );
     }
 
     #[test]
@@ -597,5 +767,349 @@ mod tests {
             "x"
         ])
         .is_err());
+    }
+}
+
+/// Property tests: whatever the flags' values, the command either builds a configuration that validates
+/// or says what is wrong in one line; nothing panics.
+#[cfg(test)]
+mod props {
+    use super::{cluster_in_flag_words, in_flag_words, usage_error_line, Cli, Subcommand};
+    use clap::Parser;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+    use ulb_tcp::config::MAX_DURATION;
+    use ulb_tcp::BackendSpec;
+
+    /// Numbers at and around every limit, and past every integer type.
+    const EDGES: &[&str] = &[
+        "0",
+        "1",
+        "2",
+        "3",
+        "63",
+        "64",
+        "65",
+        "511",
+        "512",
+        "999",
+        "1000",
+        "1001",
+        "1024",
+        "1025",
+        "4096",
+        "4097",
+        "65535",
+        "65536",
+        "16000000",
+        "16000001",
+        "16777216",
+        "16777217",
+        "2073600",
+        "2073601",
+        "4294967295",
+        "4294967296",
+        "9223372036854775807",
+        "18446744073709551615",
+        "18446744073709551616",
+        "99999999999999999999999999",
+        "0.5",
+        "1.",
+        ".5",
+        ".",
+        "1.5e3",
+        "-0",
+        "-1",
+        "-5",
+        "-18446744073709551616",
+        "+3",
+        " 7 ",
+        "NaN",
+        "inf",
+        "1e400",
+        "0x10",
+    ];
+    /// Units of durations and sizes, some wrong.
+    const UNITS: &[&str] = &[
+        "", "", "ms", "s", "m", "h", "d", "k", "K", "M", "g", "us", "ns", "µs", "w", "y", " s",
+        "s ", "mss", "-", ".",
+    ];
+
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(EDGES).prop_map(String::from),
+            4 => (0u64..100_000).prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u128>().prop_map(|n| n.to_string()),
+            1 => "[0-9]{1,40}",
+            1 => "[0-9]{0,8}\\.[0-9]{0,12}",
+        ]
+    }
+
+    /// A value for any flag: numbers with units, words the flags know, addresses, and garbage.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => (number(), proptest::sample::select(UNITS)).prop_map(|(n, u)| format!("{n}{u}")),
+            2 => proptest::sample::select(&[
+                "auto", "pooled", "splice", "plain", "round-robin", "least-connections", "random",
+                "p2c", "per-core", "work-stealing", "text", "json", "PLAIN", "fastest", "",
+                "127.0.0.1:0", "[::1]:0", "0.0.0.0:65535", "127.0.0.1:65536", "localhost",
+                "--help", "--version", "-", "--", "cluster",
+            ][..]).prop_map(String::from),
+            1 => any::<String>(),
+            1 => "[0-9a-z.:@, \\t\\n\\r\\x00\\x01\\x1b\\x7f]{0,12}",
+            1 => "\\PC{0,12}",
+            1 => "[ -~]{0,16}",
+        ]
+    }
+
+    /// One backend: literal addresses (valid or not), duplicates of a few, weights around the limits.
+    fn backend() -> impl Strategy<Value = String> {
+        prop_oneof![
+            20 => (
+                proptest::sample::select(&["127.0.0.1", "[::1]", "10.0.0.1", "[::ffff:127.0.0.1]"][..]),
+                // Few ports, so that the same backend is often listed twice.
+                prop_oneof![20 => 1u32..=3, 20 => 1u32..=65535, 1 => Just(0), 1 => any::<u32>()],
+                proptest::option::weighted(0.4, prop_oneof![
+                    12 => (1u32..=256).prop_map(|w| w.to_string()),
+                    1 => proptest::sample::select(&[
+                        "0", "256", "257", "-1", "x", "", "4294967296",
+                    ][..]).prop_map(String::from),
+                ]),
+            )
+                .prop_map(|(host, port, weight)| match weight {
+                    Some(w) => format!("{host}:{port}@{w}"),
+                    None => format!("{host}:{port}"),
+                }),
+            1 => value(),
+        ]
+        .prop_filter("no name lookups in a unit test", |s| no_lookup(s))
+    }
+
+    /// True unless some comma-separated part of `s` is a host name that would have to be looked up.
+    fn no_lookup(s: &str) -> bool {
+        s.split(',').all(|part| match part.parse::<BackendSpec>() {
+            Ok(spec) => spec.host_port.parse::<SocketAddr>().is_ok(),
+            Err(_) => true,
+        })
+    }
+
+    /// What a flag takes, for values of the right form most of the time (so that most cases reach the
+    /// configuration's checks), of any form otherwise.
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Duration,
+        Count,
+        Size,
+        Word(&'static [&'static str]),
+        Addr,
+    }
+
+    /// Mostly values of the right form and within range (so that most cases reach the configuration's
+    /// checks, and some pass them), then edge and huge numbers with units, then anything.
+    fn value_for(kind: Kind) -> BoxedStrategy<String> {
+        let unit = |units: &'static [&'static str]| proptest::sample::select(units);
+        let right = match kind {
+            Kind::Duration => prop_oneof![
+                (0u64..=2_100_000_000).prop_map(|n| format!("{n}ms")),
+                (0u64..=2_100_000).prop_map(|n| n.to_string()),
+                (0u64..=2_100_000).prop_map(|n| format!("{n}s")),
+                (0u64..=35_000).prop_map(|n| format!("{n}m")),
+                (0u64..=600).prop_map(|n| format!("{n}h")),
+                (0u64..=25).prop_map(|n| format!("{n}d")),
+                (0.0f64..30.0).prop_map(|n| format!("{n}d")),
+            ]
+            .boxed(),
+            Kind::Count => prop_oneof![
+                4 => (0u64..=100).prop_map(|n| n.to_string()),
+                1 => (0u64..=20_000_000).prop_map(|n| n.to_string()),
+            ]
+            .boxed(),
+            Kind::Size => prop_oneof![
+                (0u64..=20_000_000).prop_map(|n| n.to_string()),
+                (0u64..=20_000).prop_map(|n| format!("{n}k")),
+                (0u64..=20).prop_map(|n| format!("{n}m")),
+            ]
+            .boxed(),
+            Kind::Word(words) => proptest::sample::select(words)
+                .prop_map(String::from)
+                .boxed(),
+            Kind::Addr => prop_oneof![
+                8 => unit(&["127.0.0.1:0", "[::1]:0", "0.0.0.0:65535"]),
+                1 => unit(&["127.0.0.1:65536", "localhost:80", "::1", ""]),
+            ]
+            .prop_map(String::from)
+            .boxed(),
+        };
+        let edge = match kind {
+            Kind::Duration => (number(), unit(UNITS))
+                .prop_map(|(n, u)| format!("{n}{u}"))
+                .boxed(),
+            Kind::Size => (number(), unit(&["", "k", "m", "K", "M", "g", "kb"]))
+                .prop_map(|(n, u)| format!("{n}{u}"))
+                .boxed(),
+            _ => number().boxed(),
+        };
+        prop_oneof![12 => right, 2 => edge, 1 => value()].boxed()
+    }
+
+    /// Every flag of the balancer but `--backends`, and what it takes.
+    const FLAGS: &[(&str, Kind)] = &[
+        ("--listen", Kind::Addr),
+        (
+            "--strategy",
+            Kind::Word(&["round-robin", "least-connections", "random", "p2c"]),
+        ),
+        ("--connect-timeout", Kind::Duration),
+        ("--connect-attempts", Kind::Count),
+        ("--idle-timeout", Kind::Duration),
+        ("--half-close-timeout", Kind::Duration),
+        ("--max-connections", Kind::Count),
+        ("--drain-timeout", Kind::Duration),
+        ("--fail-threshold", Kind::Count),
+        ("--down-backoff", Kind::Duration),
+        ("--metrics", Kind::Addr),
+        (
+            "--copy-mode",
+            Kind::Word(&["auto", "pooled", "splice", "plain"]),
+        ),
+        ("--buffer-size", Kind::Size),
+        ("--replay-limit", Kind::Size),
+        ("--runtime", Kind::Word(&["per-core", "work-stealing"])),
+        ("--threads", Kind::Count),
+        ("--log-format", Kind::Word(&["text", "json"])),
+    ];
+
+    /// The cluster's flags but the command, and what each takes.
+    const CLUSTER_FLAGS: &[(&str, Kind)] = &[
+        ("-p", Kind::Count),
+        ("--base-port", Kind::Count),
+        ("--listen", Kind::Addr),
+        ("--drain-timeout", Kind::Duration),
+        ("--kill-timeout", Kind::Duration),
+        ("--max-restarts", Kind::Count),
+        ("--restart-window", Kind::Duration),
+        ("--replay-limit", Kind::Size),
+    ];
+
+    fn balancer_args() -> impl Strategy<Value = Vec<String>> {
+        let values: Vec<_> = FLAGS
+            .iter()
+            .map(|&(_, kind)| proptest::option::weighted(0.3, value_for(kind)))
+            .collect();
+        (proptest::collection::vec(backend(), 0..=3), values).prop_map(|(backends, values)| {
+            let mut args = vec!["ulb-tcp".to_string()];
+            for b in backends {
+                args.extend(["--backends".to_string(), b]);
+            }
+            for ((flag, _), v) in FLAGS.iter().zip(values) {
+                if let Some(v) = v {
+                    args.extend([flag.to_string(), v]);
+                }
+            }
+            args
+        })
+    }
+
+    /// One line: something to read, and no line break or other control character in it.
+    fn is_one_line(s: &str) -> bool {
+        !s.trim().is_empty() && !s.chars().any(char::is_control)
+    }
+
+    /// The line printed for a flag error is one line and, for a bad value, names the flag.
+    fn check_usage_error(args: &[String], e: &clap::Error) -> Result<(), TestCaseError> {
+        use clap::error::{ContextKind, ContextValue};
+        let line = usage_error_line(e);
+        prop_assert!(is_one_line(&line), "{args:?}: {line:?}");
+        if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+            let flag = arg.split(' ').next().unwrap_or(arg);
+            prop_assert!(
+                line.contains(flag),
+                "{args:?}: {line:?} does not name {flag}"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        // Bounded, to stay fast; failures are shrunk and reported, not saved (regressions found here
+        // become explicit cases in tests/cli.rs).
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn balancer_flags_validate_or_say_why_in_one_line(
+            args in balancer_args(),
+            fd_limit in proptest::option::of(any::<u64>()),
+        ) {
+            match Cli::try_parse_from(&args) {
+                Err(e) if e.use_stderr() => check_usage_error(&args, &e)?,
+                Err(_) => {} // --help or --version
+                Ok(cli) => {
+                    prop_assert!(cli.command.is_none());
+                    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    match rt.block_on(cli.balancer.into_config(fd_limit)) {
+                        Ok(config) => {
+                            prop_assert_eq!(config.validate(), Ok(()), "{:?}", args);
+                            for d in [
+                                config.connect_timeout,
+                                config.idle_timeout,
+                                config.half_close_timeout,
+                                config.drain_timeout,
+                                config.health.backoff,
+                                config.health.max_backoff,
+                            ] {
+                                prop_assert!(d <= MAX_DURATION, "{args:?}: {d:?}");
+                            }
+                        }
+                        Err(e) => {
+                            let line = in_flag_words(&e);
+                            prop_assert!(is_one_line(&line), "{args:?}: {line:?}");
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn cluster_flags_validate_or_say_why_in_one_line(
+            values in CLUSTER_FLAGS
+                .iter()
+                .map(|&(_, kind)| proptest::option::weighted(0.5, value_for(kind)))
+                .collect::<Vec<_>>(),
+        ) {
+            let flags = CLUSTER_FLAGS.iter().map(|(flag, _)| flag);
+            let mut args = vec!["ulb-tcp".to_string(), "cluster".to_string()];
+            for (flag, v) in flags.zip(values) {
+                if let Some(v) = v {
+                    args.extend([flag.to_string(), v]);
+                }
+            }
+            args.extend(["--".to_string(), "true".to_string()]);
+            match Cli::try_parse_from(&args) {
+                Err(e) if e.use_stderr() => check_usage_error(&args, &e)?,
+                Err(_) => {}
+                Ok(cli) => {
+                    let Some(Subcommand::Cluster(c)) = cli.command else {
+                        return Err(TestCaseError::fail(format!("{args:?}: no cluster")));
+                    };
+                    let (config, _, _, _) = c.into_parts();
+                    match config.validate() {
+                        // What the cluster accepts, its balancer accepts too.
+                        Ok(()) => prop_assert_eq!(
+                            config.balancer_config().validate(), Ok(()), "{:?}", args
+                        ),
+                        Err(e) => {
+                            let line = cluster_in_flag_words(&e);
+                            prop_assert!(is_one_line(&line), "{args:?}: {line:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

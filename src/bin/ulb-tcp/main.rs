@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
 
+use ulb_tcp::signal::StopSignals;
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
 mod cli;
@@ -25,11 +26,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line naming the bad value: clap's first paragraph, joined, without its usage hints.
-            let text = e.to_string();
-            let first = text.split("\n\n").next().unwrap_or("bad arguments");
-            let line = first.split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("ulb-tcp: {}", line.trim_start_matches("error: "));
+            eprintln!("ulb-tcp: {}", cli::usage_error_line(&e));
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -91,6 +88,9 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Before anything listens: a signal that comes as soon as the port accepts must start the drain,
+    // not take its default action (which ends the process on the spot).
+    let signals = StopSignals::install();
     let listeners = match Listeners::bind(listen, mode, threads) {
         Ok(l) => l,
         Err(e) => {
@@ -113,7 +113,7 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
         "ulb-tcp {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    match listeners.serve(balancer).await {
+    match listeners.serve(balancer, signals).await {
         Ok(_) if FORCED.load(Ordering::Relaxed) => ExitCode::from(EXIT_FAILURE),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
@@ -148,12 +148,16 @@ impl Listeners {
         }
     }
 
-    async fn serve(self, balancer: TcpBalancer) -> io::Result<ShutdownReport> {
-        let handle = balancer.handle();
+    async fn serve(
+        self,
+        balancer: TcpBalancer,
+        signals: StopSignals,
+    ) -> io::Result<ShutdownReport> {
+        let stop = shutdown_signal(balancer.handle(), signals);
         match self {
-            Listeners::One(l) => balancer.serve(l, shutdown_signal(handle)).await,
+            Listeners::One(l) => balancer.serve(l, stop).await,
             #[cfg(target_os = "linux")]
-            Listeners::PerCore(l) => balancer.serve_per_core(l, shutdown_signal(handle)).await,
+            Listeners::PerCore(l) => balancer.serve_per_core(l, stop).await,
         }
     }
 }
@@ -162,11 +166,11 @@ impl Listeners {
 fn cluster_main(args: ClusterArgs) -> ExitCode {
     let (config, command, metrics, log_format) = args.into_parts();
     if let Err(e) = config.validate() {
-        eprintln!("ulb-tcp: {e}");
+        eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
         return ExitCode::from(EXIT_USAGE);
     }
     if let Err(e) = command.resolve() {
-        eprintln!("ulb-tcp: {e}");
+        eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
         return ExitCode::from(EXIT_USAGE);
     }
     init_logging(log_format);
@@ -182,7 +186,7 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
         let cluster = match ulb_tcp::cluster::Cluster::new(config, command) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("ulb-tcp: {e}");
+                eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
                 return ExitCode::from(if e.is_config() {
                     EXIT_USAGE
                 } else {
@@ -205,16 +209,17 @@ static FORCED: AtomicBool = AtomicBool::new(false);
 
 /// Resolves on the first SIGINT or SIGTERM. A second one resets every connection still open (a client
 /// must never take a cut stream for a complete one) and the command exits 1 as soon as they are closed.
-async fn shutdown_signal(handle: BalancerHandle) {
-    ulb_tcp::signal::stop_then_force(
-        "shutdown signal received; draining (send it again to exit at once)",
-        "second signal; resetting the connections still open and exiting",
-        move || {
-            FORCED.store(true, Ordering::Relaxed);
-            handle.force_shutdown();
-        },
-    )
-    .await;
+async fn shutdown_signal(handle: BalancerHandle, signals: StopSignals) {
+    signals
+        .stop_then_force(
+            "shutdown signal received; draining (send it again to exit at once)",
+            "second signal; resetting the connections still open and exiting",
+            move || {
+                FORCED.store(true, Ordering::Relaxed);
+                handle.force_shutdown();
+            },
+        )
+        .await;
 }
 
 /// Serves Prometheus metrics on `addr`, if given; the exit code after saying why it cannot.
