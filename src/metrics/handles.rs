@@ -8,7 +8,8 @@ use super::{
     ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_UP, BACKEND_WEIGHT, BYTES_TOTAL,
     CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL, CONNECTION_DURATION_SECONDS,
     CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL, DIRECTION_BACKEND_TO_CLIENT,
-    DIRECTION_CLIENT_TO_BACKEND, NO_BACKEND_TOTAL,
+    DIRECTION_CLIENT_TO_BACKEND, FALLBACK_MAX_PIPES, FALLBACK_PIPE_FAILED, NO_BACKEND_TOTAL,
+    SPLICE_FALLBACKS_TOTAL,
 };
 
 /// Per-backend handles, registered once.
@@ -95,6 +96,10 @@ pub(crate) struct GlobalMetrics {
     pub(crate) rejected_connect_failed: Counter,
     pub(crate) rejected_local_resources: Counter,
     pub(crate) connection_duration: Histogram,
+    /// A burst went through a buffer: `max_pipes` pipes were open.
+    pub(crate) fallback_max_pipes: Counter,
+    /// A burst went through a buffer: `pipe2` failed.
+    pub(crate) fallback_pipe_failed: Counter,
 }
 
 impl GlobalMetrics {
@@ -106,7 +111,8 @@ impl GlobalMetrics {
             rejected_connect_failed: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "connect_failed"),
             rejected_local_resources: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "local_resources"),
             connection_duration: histogram!(CONNECTION_DURATION_SECONDS),
+            fallback_max_pipes: counter!(SPLICE_FALLBACKS_TOTAL, "reason" => FALLBACK_MAX_PIPES),
+            fallback_pipe_failed: counter!(SPLICE_FALLBACKS_TOTAL, "reason" => FALLBACK_PIPE_FAILED),
         }
     }
 }
-
