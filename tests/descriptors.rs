@@ -23,10 +23,12 @@ const NOFILE: u32 = 200;
 const CLIENTS: usize = 68;
 /// Bytes each client sends (and gets back from the echo backend).
 const BULK: usize = 4 << 20;
+/// The balancer's default pipe bound at `NOFILE`: (200 - 64 - 2 × 51) / 2, where 51 = (200 - 64) × 3/8
+/// is its default connection limit there.
+const DEFAULT_PIPES: usize = 17;
 /// Descriptors above the idle baseline allowed once the clients have left: the pooled pipes the
-/// balancer may keep at `NOFILE`. Its default pipe bound there is (200 - 64 - 2 × 51) / 2 = 17, and at
-/// most a quarter of the bound (4 pipes, 8 descriptors) is kept in the pools.
-const IDLE_SLACK: usize = 8;
+/// balancer may keep, at most a quarter of its bound (4 pipes, 8 descriptors).
+const IDLE_SLACK: usize = DEFAULT_PIPES / 4 * 2;
 
 /// A child process that is killed and reaped when dropped, and the thread that reads its log.
 struct Proc(Child, Option<std::thread::JoinHandle<LogCounts>>);
@@ -389,7 +391,9 @@ async fn bulk_under_prlimit(extra: &[&str]) -> Report {
     }
 }
 
-fn check(mode: &str, r: &Report) {
+/// Checks a run: every transfer exact, no more than `max_pipes` pipes open at any sample, and no more
+/// than the pools' share of them once the clients have left.
+fn check(mode: &str, r: &Report, max_pipes: usize) {
     eprintln!(
         "{mode}: {} of {CLIENTS} exact, {} failed ({} before any byte came back); descriptors (all, pipes): idle {:?}, peak {:?}, \
          after the clients left {:?}; ulb_splice_fallbacks_total {:?}; log: {:?}",
@@ -418,6 +422,19 @@ fn check(mode: &str, r: &Report) {
         r.peak
     );
     assert!(
+        r.peak.1 <= r.baseline.1 + 2 * max_pipes,
+        "{mode}: {} pipe descriptors open at the peak, {} idle, for at most {max_pipes} pipes",
+        r.peak.1,
+        r.baseline.1
+    );
+    let slack = (max_pipes / 4 * 2).min(IDLE_SLACK);
+    assert!(
+        r.after.1 <= r.baseline.1 + slack,
+        "{mode}: {} pipe descriptors open after the clients left, {} idle, {slack} more allowed",
+        r.after.1,
+        r.baseline.1
+    );
+    assert!(
         r.after.0 <= r.baseline.0 + IDLE_SLACK,
         "{mode}: {:?} descriptors open (pipes: {}) after the clients left; idle baseline {:?}, at most \
          {IDLE_SLACK} more allowed",
@@ -434,7 +451,7 @@ async fn splice_mode_at_200_descriptors_resets_nothing_and_gives_the_pipes_back(
         return;
     }
     let r = bulk_under_prlimit(&["--copy-mode", "splice"]).await;
-    check("splice", &r);
+    check("splice", &r, DEFAULT_PIPES);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,5 +461,46 @@ async fn auto_mode_at_200_descriptors_resets_nothing_and_gives_the_pipes_back() 
         return;
     }
     let r = bulk_under_prlimit(&[]).await;
-    check("auto", &r);
+    check("auto", &r, DEFAULT_PIPES);
+}
+
+/// With one pipe for 51 connections' 102 directions, `--copy-mode splice` carries nearly every burst
+/// through a buffer, and counts each as a fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_mode_with_one_pipe_falls_back_to_buffers() {
+    if !prlimit_available() {
+        eprintln!("skipped: prlimit (util-linux) is not available");
+        return;
+    }
+    let r = bulk_under_prlimit(&["--copy-mode", "splice", "--max-pipes", "1"]).await;
+    check("splice, --max-pipes 1", &r, 1);
+    assert!(
+        r.fallbacks.is_some_and(|n| n > 0.0),
+        "fallbacks not counted: {:?}",
+        r.fallbacks
+    );
+}
+
+/// `--max-pipes 0` turns splicing off: every byte through buffers, and no fallback counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_mode_with_no_pipes_carries_everything_through_buffers() {
+    if !prlimit_available() {
+        eprintln!("skipped: prlimit (util-linux) is not available");
+        return;
+    }
+    let r = bulk_under_prlimit(&["--copy-mode", "splice", "--max-pipes", "0"]).await;
+    check("splice, --max-pipes 0", &r, 0);
+    assert_eq!(r.fallbacks, Some(0.0));
+}
+
+/// The connection limit the old default gave at `NOFILE` (two descriptors each, nothing left for pipes):
+/// the pipe bound then defaults to 0, and nothing is reset either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_connection_limit_leaves_no_pipes_and_resets_nothing() {
+    if !prlimit_available() {
+        eprintln!("skipped: prlimit (util-linux) is not available");
+        return;
+    }
+    let r = bulk_under_prlimit(&["--max-connections", "68"]).await;
+    check("auto, --max-connections 68", &r, 0);
 }
