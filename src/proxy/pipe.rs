@@ -28,10 +28,10 @@ use crate::clock::now_ms;
 const PIPE_SIZE: usize = 256 * 1024;
 
 /// Pipes kept per thread; more are closed when given back. Fewer than the buffer pool keeps (its
-/// `BUFFER_POOL_PER_THREAD`, 64): a pooled buffer costs only memory, a pooled pipe two descriptors out of
-/// the process's budget. A pool saves four system calls
-/// per burst (`pipe2`, two `fcntl`, `close`); 16 cover the bursts one thread has in flight at once on a
-/// busy balancer, and the quarter-of-the-bound share keeps the pools small at small limits.
+/// `BUFFER_POOL_PER_THREAD`, 64): a pooled buffer costs only memory, a pooled pipe two descriptors out
+/// of the process's budget. A pooled pipe saves four system calls per burst (`pipe2`, two `fcntl`,
+/// `close`); 16 cover the bursts one thread has in flight at once on a busy balancer, and the share of
+/// the bound ([`POOL_SHARE`]) keeps the pools smaller still at small limits.
 const PIPE_POOL_PER_THREAD: usize = 16;
 
 /// The pools together keep at most `max_pipes / POOL_SHARE` pipes.
@@ -41,7 +41,7 @@ const POOL_SHARE: usize = 4;
 /// Descriptors are a process-wide resource, so the balancer counts in one process-wide budget
 /// ([`PipeBudget::process`]); several balancers in one process each hold the count to their own bound.
 #[derive(Debug)]
-pub(crate) struct PipeBudget {
+struct PipeBudget {
     /// Pipes open: in use, and in every thread's pool.
     live: AtomicUsize,
     /// Of those, the pooled ones.
@@ -59,7 +59,7 @@ impl PipeBudget {
     }
 
     /// The process's budget, which the data path uses.
-    pub(crate) fn process() -> &'static PipeBudget {
+    fn process() -> &'static PipeBudget {
         &PROCESS
     }
 
@@ -150,7 +150,7 @@ impl Pipe {
     }
 
     /// The same, counted in `budget`.
-    pub(crate) fn take_from(budget: &'static PipeBudget, limit: usize) -> Result<Pipe, NoPipe> {
+    fn take_from(budget: &'static PipeBudget, limit: usize) -> Result<Pipe, NoPipe> {
         // `try_with`: while the thread ends, its pool may already be gone.
         let pooled = PIPES
             .try_with(|p| {
