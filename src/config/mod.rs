@@ -35,6 +35,12 @@ pub const BUFFER_SIZES: std::ops::RangeInclusive<usize> = 512..=16 << 20;
 /// The largest [`BalancerConfig::max_connections`]: 16 million.
 pub const MAX_CONNECTIONS: usize = 16_000_000;
 
+/// The largest [`BalancerConfig::max_pipes`]: 16 million.
+pub const MAX_PIPES: usize = 16_000_000;
+
+/// The default [`BalancerConfig::max_pipes`]: 4096 pipes, 8192 descriptors.
+pub const DEFAULT_MAX_PIPES: usize = 4096;
+
 /// The largest [`BalancerConfig::connect_attempts`].
 pub const MAX_CONNECT_ATTEMPTS: u32 = 64;
 
@@ -81,7 +87,8 @@ pub enum CopyMode {
     /// in flight, idle and half-close timeouts enforced.
     Pooled,
     /// Linux only: `splice(2)` through a pipe borrowed from a per-thread pool while data is in flight, so
-    /// bytes never enter user space. Same pumps, timeouts and accounting as `Pooled`.
+    /// bytes never enter user space. Same pumps, timeouts and accounting as `Pooled`; bytes that get no
+    /// pipe (past [`BalancerConfig::max_pipes`]) go through a buffer, as in `Pooled`.
     Splice,
     /// Tokio's `copy_bidirectional` with two 8 KiB buffers per connection, held for its whole life. Kept as
     /// the portable baseline that the benchmarks compare against. Half-close and resets are handled as in
@@ -143,13 +150,29 @@ pub struct BalancerConfig {
     /// both are closed (default 30 s; like HAProxy's `timeout client-fin` / `server-fin`).
     pub half_close_timeout: Duration,
     /// Connections carried at once; at the limit new clients wait in the kernel's backlog (default 10,000).
+    /// Each holds two descriptors (its two sockets), and two more for each direction that holds a pipe
+    /// (see [`max_pipes`](Self::max_pipes)).
     pub max_connections: usize,
+    /// The most `splice(2)` pipes open in the process at once, in use and pooled (default
+    /// [`DEFAULT_MAX_PIPES`]; 0 to [`MAX_PIPES`]). Linux only; `Auto` and `Splice`.
+    ///
+    /// A direction holds a pipe (two descriptors) only while its bytes are in flight; when none can be
+    /// had (this many are open, or `pipe2` fails for want of descriptors) the direction carries those
+    /// bytes through a buffer instead, as in `Pooled`, and tries a pipe again for the next ones: a
+    /// connection is never reset for want of a pipe (`ulb_splice_fallbacks_total` counts these). Set it
+    /// so that `2 × max_connections + 2 × max_pipes` plus the process's own descriptors fit the
+    /// open-file limit; the `ulb-tcp` command does so from the limit. 0 turns splicing off. Pipes are a
+    /// process-wide resource: with several balancers in one process each holds the process's count of
+    /// pipes to its own bound. Pipes given back are pooled per thread (at most 16 a thread, and a
+    /// quarter of this bound in all) and closed beyond that.
+    pub max_pipes: usize,
     /// How long a graceful shutdown waits for connections in flight (default 30 s).
     pub drain_timeout: Duration,
     /// Passive health checking.
     pub health: PassiveHealth,
-    /// Bytes of buffer per direction while data is in flight (default 64 KiB; `Auto` and `Pooled`). Idle
-    /// connections hold none: buffers are borrowed from a per-thread pool only while bytes move.
+    /// Bytes of buffer per direction while data is in flight (default 64 KiB; `Auto`, `Pooled`, and
+    /// `Splice` for bytes that get no pipe). Idle connections hold none: buffers are borrowed from a
+    /// per-thread pool only while bytes move.
     pub buffer_size: usize,
     /// How bytes are moved (default [`CopyMode::Auto`]).
     pub copy_mode: CopyMode,
@@ -191,6 +214,7 @@ impl BalancerConfig {
             idle_timeout: Duration::from_secs(300),
             half_close_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            max_pipes: DEFAULT_MAX_PIPES,
             drain_timeout: Duration::from_secs(30),
             health: PassiveHealth::default(),
             buffer_size: 64 * 1024,
@@ -232,6 +256,11 @@ impl BalancerConfig {
     /// Sets the connection limit.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
+        self
+    }
+    /// Sets the most pipes open at once for `splice(2)` (see [`BalancerConfig::max_pipes`]).
+    pub fn max_pipes(mut self, n: usize) -> Self {
+        self.max_pipes = n;
         self
     }
     /// Sets the drain deadline of a graceful shutdown.
@@ -331,6 +360,13 @@ impl BalancerConfig {
                 format!("1..={MAX_CONNECTIONS}"),
             ));
         }
+        if self.max_pipes > MAX_PIPES {
+            return Err(ConfigError::out_of_range(
+                "max_pipes",
+                self.max_pipes,
+                format!("0..={MAX_PIPES}"),
+            ));
+        }
         if !(1..=MAX_FAILURE_THRESHOLD).contains(&self.health.failure_threshold) {
             return Err(ConfigError::out_of_range(
                 "health.failure_threshold",
@@ -403,6 +439,23 @@ mod tests {
         assert!(err.unwrap_err().to_string().contains("'plain'"));
         let err = replay.replay_limit(17 << 20).validate();
         assert!(err.unwrap_err().to_string().contains("17825792"));
+        // Pipes: 0 (no splicing) to MAX_PIPES.
+        assert!(BalancerConfig::new([b.clone()])
+            .max_pipes(0)
+            .validate()
+            .is_ok());
+        assert!(BalancerConfig::new([b.clone()])
+            .max_pipes(MAX_PIPES)
+            .validate()
+            .is_ok());
+        let err = BalancerConfig::new([b.clone()])
+            .max_pipes(MAX_PIPES + 1)
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_pipes 16000001 is out of range (0..=16000000)"
+        );
     }
 
     #[test]

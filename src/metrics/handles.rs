@@ -8,8 +8,9 @@ use super::{
     ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_STATE_CHANGES_TOTAL, BACKEND_UP, BACKEND_WEIGHT,
     BYTES_TOTAL, CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL,
     CONNECTION_DURATION_SECONDS, CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL,
-    DIRECTION_BACKEND_TO_CLIENT, DIRECTION_CLIENT_TO_BACKEND, NO_BACKEND_TOTAL, QUEUE_LENGTH,
-    QUEUE_WAIT_SECONDS,
+    DIRECTION_BACKEND_TO_CLIENT, DIRECTION_CLIENT_TO_BACKEND, FALLBACK_MAX_PIPES,
+    FALLBACK_PIPE_FAILED, NO_BACKEND_TOTAL, QUEUE_LENGTH, QUEUE_WAIT_SECONDS,
+    SPLICE_FALLBACKS_TOTAL,
 };
 
 /// Per-backend handles, registered once.
@@ -114,6 +115,10 @@ pub(crate) struct GlobalMetrics {
     pub(crate) connection_duration: Histogram,
     pub(crate) queue_length: Gauge,
     pub(crate) queue_wait: Histogram,
+    /// A burst went through a buffer: `max_pipes` pipes were open.
+    pub(crate) fallback_max_pipes: Counter,
+    /// A burst went through a buffer: `pipe2` failed.
+    pub(crate) fallback_pipe_failed: Counter,
 }
 
 impl GlobalMetrics {
@@ -129,6 +134,8 @@ impl GlobalMetrics {
             connection_duration: histogram!(CONNECTION_DURATION_SECONDS),
             queue_length: gauge!(QUEUE_LENGTH),
             queue_wait: histogram!(QUEUE_WAIT_SECONDS),
+            fallback_max_pipes: counter!(SPLICE_FALLBACKS_TOTAL, "reason" => FALLBACK_MAX_PIPES),
+            fallback_pipe_failed: counter!(SPLICE_FALLBACKS_TOTAL, "reason" => FALLBACK_PIPE_FAILED),
         }
     }
 }

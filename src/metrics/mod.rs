@@ -48,6 +48,15 @@ pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
 pub const QUEUE_LENGTH: &str = "ulb_queue_length";
 /// How long clients waited in the queue, served or not (histogram, seconds).
 pub const QUEUE_WAIT_SECONDS: &str = "ulb_queue_wait_seconds";
+/// Bursts that a spliced direction (copy mode `auto` once bulk, or `splice`) carried through a buffer
+/// instead, because no pipe could be had, by `reason`: `max_pipes` (that many pipes were open already)
+/// or `pipe_failed` (`pipe2` failed: the process or the system is out of descriptors, or of pipe
+/// memory). The connection goes on; the next burst tries a pipe again.
+pub const SPLICE_FALLBACKS_TOTAL: &str = "ulb_splice_fallbacks_total";
+/// Label values of [`SPLICE_FALLBACKS_TOTAL`]'s `reason`: the `max_pipes` bound was reached.
+pub const FALLBACK_MAX_PIPES: &str = "max_pipes";
+/// See [`FALLBACK_MAX_PIPES`]: `pipe2` failed.
+pub const FALLBACK_PIPE_FAILED: &str = "pipe_failed";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "ulb_build_info";
 
@@ -131,6 +140,10 @@ pub fn describe() {
         QUEUE_WAIT_SECONDS,
         Unit::Seconds,
         "Time clients waited in the queue."
+    );
+    describe_counter!(
+        SPLICE_FALLBACKS_TOTAL,
+        "Bursts a spliced direction carried through a buffer for want of a pipe, by reason."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);

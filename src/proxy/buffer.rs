@@ -9,8 +9,11 @@ thread_local! {
     static BUFFERS: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Buffers kept per thread; more than this are freed, so a burst does not pin memory for ever.
-const POOL_PER_THREAD: usize = 64;
+/// Buffers kept per thread; more than this are freed, so a burst does not pin memory for ever. More than
+/// the pipe pool keeps (`PIPE_POOL_PER_THREAD` in `pipe.rs`): a pooled buffer costs only memory (64 of
+/// the default 64 KiB are 4 MiB a thread), while a pooled pipe holds two descriptors of the process's
+/// budget.
+const BUFFER_POOL_PER_THREAD: usize = 64;
 
 impl PooledBuf {
     pub(crate) fn take(size: usize) -> Self {
@@ -28,7 +31,7 @@ impl Drop for PooledBuf {
         let buf = std::mem::take(&mut self.0);
         BUFFERS.with(|p| {
             let mut pool = p.borrow_mut();
-            if pool.len() < POOL_PER_THREAD {
+            if pool.len() < BUFFER_POOL_PER_THREAD {
                 pool.push(buf);
             }
         });

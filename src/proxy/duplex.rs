@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::pump::Pump;
-use super::{Counts, End, Settings, Side};
+use super::{Context, Counts, End, Side};
 use crate::backend::Backend;
 
 /// When the last byte moved, in milliseconds since the connection's splice began.
@@ -30,13 +30,14 @@ impl Activity {
 /// Carries both directions until both have ended (`Closed`), one fails, or the connection has been idle
 /// too long. `client_ended`: the client's FIN was already passed on (during the replay phase).
 pub(super) async fn splice(
-    cfg: &Settings,
+    ctx: &Context,
     client: &mut TcpStream,
     backend: &mut TcpStream,
     b: &Backend,
     counts: &Counts,
     client_ended: bool,
 ) -> End {
+    let cfg = &ctx.settings;
     let activity = Activity {
         base: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -51,6 +52,8 @@ pub(super) async fn splice(
         backend: b,
         activity: &activity,
         buffer_size: cfg.buffer_size,
+        max_pipes: cfg.max_pipes,
+        metrics: &ctx.metrics,
     };
     let down = Pump {
         from: backend_read,
@@ -60,6 +63,8 @@ pub(super) async fn splice(
         backend: b,
         activity: &activity,
         buffer_size: cfg.buffer_size,
+        max_pipes: cfg.max_pipes,
+        metrics: &ctx.metrics,
     };
     let up = up.run(cfg.copy_mode);
     let down = down.run(cfg.copy_mode);

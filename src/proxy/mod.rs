@@ -4,7 +4,8 @@
 //! * `replay`: with a replay limit, keep the client's first bytes until the backend answers, and give them
 //!   to another backend if it goes away first.
 //! * `duplex` and `pump`: the two directions, each pumped on its own with half-close, idle and half-close
-//!   timeouts; `buffer` (pooled buffers) and `pipe` (`splice(2)` pipes) move the bytes.
+//!   timeouts; `buffer` (pooled buffers) and `pipe` (`splice(2)` pipes, under a process-wide bound; a
+//!   burst that gets no pipe goes through a buffer) move the bytes.
 //! * `plain`: Tokio's `copy_bidirectional`, the benchmark baseline.
 //!
 //! A connection sees only its [`Context`]: the settings of the data path, the service's backends, the
@@ -51,6 +52,7 @@ pub(crate) struct Settings {
     pub(crate) idle_timeout: Duration,
     pub(crate) half_close_timeout: Duration,
     pub(crate) buffer_size: usize,
+    pub(crate) max_pipes: usize,
     pub(crate) copy_mode: CopyMode,
     pub(crate) replay_limit: usize,
     pub(crate) max_queue: usize,
@@ -65,6 +67,7 @@ impl From<&BalancerConfig> for Settings {
             idle_timeout: c.idle_timeout,
             half_close_timeout: c.half_close_timeout,
             buffer_size: c.buffer_size,
+            max_pipes: c.max_pipes,
             copy_mode: c.copy_mode,
             replay_limit: c.replay_limit,
             max_queue: c.max_queue,
@@ -180,7 +183,7 @@ pub(crate) async fn serve_connection(
             () = cut.cancelled() => ctx.cut_reason(),
         },
         _ => tokio::select! {
-            end = duplex::splice(&ctx.settings, &mut client, &mut backend, guard.backend(), &counts, client_ended) => end,
+            end = duplex::splice(&ctx, &mut client, &mut backend, guard.backend(), &counts, client_ended) => end,
             () = cut.cancelled() => ctx.cut_reason(),
         },
     };

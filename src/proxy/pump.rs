@@ -15,6 +15,7 @@ use super::duplex::Activity;
 use super::{End, Side};
 use crate::backend::Backend;
 use crate::config::CopyMode;
+use crate::metrics::GlobalMetrics;
 
 /// One direction of a connection.
 pub(super) struct Pump<'a> {
@@ -27,6 +28,23 @@ pub(super) struct Pump<'a> {
     pub(super) backend: &'a Backend,
     pub(super) activity: &'a Activity,
     pub(super) buffer_size: usize,
+    /// The most pipes open in the process ([`BalancerConfig::max_pipes`](crate::BalancerConfig)).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    pub(super) max_pipes: usize,
+    /// Counts the bursts carried through a buffer for want of a pipe.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+    pub(super) metrics: &'a GlobalMetrics,
+}
+
+/// How a burst (the bytes one readiness of the source brought) ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Burst {
+    /// The source is drained for now.
+    Drained,
+    /// The source ended (EOF): the FIN is to be passed on.
+    Ended,
+    /// A read filled the whole buffer: bulk, which the splice path carries more cheaply.
+    Bulk,
 }
 
 impl<'a> Pump<'a> {
@@ -44,14 +62,62 @@ impl<'a> Pump<'a> {
         }
     }
 
-    /// Copies until EOF (then passes the FIN on) or an error, through pipes (`splice`) or buffers, or
-    /// (`Auto`) through buffers until a read fills one, then through pipes.
-    pub(super) async fn run(self, mode: CopyMode) -> Result<(), End> {
-        #[cfg(target_os = "linux")]
-        if mode == CopyMode::Splice {
-            return self.run_splice().await;
+    /// Copies until EOF (then passes the FIN on) or an error, burst by burst, each through a pipe
+    /// (`splice`) or a buffer. `Splice` starts with pipes; `Auto` starts with buffers and goes on with
+    /// pipes once a read fills one; `Pooled` (and everything off Linux, or with `max_pipes` 0) keeps to
+    /// buffers.
+    ///
+    /// A burst that should go through a pipe but cannot have one (the `max_pipes` bound is reached, or
+    /// `pipe2` fails for want of descriptors) goes through a buffer instead, and the next burst tries a
+    /// pipe again: a connection is never ended for want of a pipe.
+    pub(super) async fn run(mut self, mode: CopyMode) -> Result<(), End> {
+        // Counted locally and published once per burst (and when dropped, whatever the way out), so that
+        // the shared counters see one atomic add per burst rather than one per write, and stay exact.
+        let mut tally = self.tally();
+        // `max_pipes` 0 turns splicing off: no burst tries a pipe, and none is counted as a fallback.
+        let splicing = cfg!(target_os = "linux") && self.max_pipes > 0;
+        let splice_on_bulk = splicing && mode == CopyMode::Auto;
+        let mut spliced = splicing && mode == CopyMode::Splice;
+        loop {
+            // Wait with no buffer or pipe held: an idle connection costs neither.
+            self.from
+                .readable()
+                .await
+                .map_err(|e| End::ReadFailed(self.source_side(), e))?;
+            #[cfg(target_os = "linux")]
+            if spliced {
+                use super::pipe::{NoPipe, Pipe};
+                match Pipe::take(self.max_pipes) {
+                    Ok(pipe) => {
+                        if self.splice_burst(pipe, &mut tally).await? == Burst::Ended {
+                            tally.flush();
+                            return self.forward_eof();
+                        }
+                        tally.flush();
+                        continue;
+                    }
+                    Err(NoPipe::Bound) => self.metrics.fallback_max_pipes.increment(1),
+                    Err(e @ NoPipe::Failed(_)) => {
+                        e.log();
+                        self.metrics.fallback_pipe_failed.increment(1);
+                    }
+                }
+            }
+            // Through a buffer: this mode's way, or a spliced burst that got no pipe. The latter stops
+            // at its first full read, so that the rest of the bulk tries a pipe again.
+            let burst = self
+                .buffered_burst(&mut tally, splice_on_bulk || spliced)
+                .await?;
+            tally.flush();
+            match burst {
+                Burst::Ended => return self.forward_eof(),
+                Burst::Bulk => spliced = true,
+                // `poll_read` also says "not ready" when this task has used up its cooperative budget,
+                // and then `readable()` would answer at once: yield here when the budget is gone, or we
+                // would spin.
+                Burst::Drained => tokio::task::consume_budget().await,
+            }
         }
-        self.run_buffered(mode == CopyMode::Auto).await
     }
 
     /// Passes the FIN on: the source has ended.
@@ -61,117 +127,97 @@ impl<'a> Pump<'a> {
             .map_err(|e| End::WriteFailed(self.to_side, e))
     }
 
-    /// The zero-copy pump: socket → pipe → socket with `splice(2)`. The pipe is always drained before it is
-    /// filled again, so an `EAGAIN` while filling means the socket is empty (never that the pipe is full),
-    /// and readiness stays truthful.
+    /// The zero-copy burst: socket → pipe → socket with `splice(2)`, until the source is drained or
+    /// ends. The pipe is always drained before it is filled again, so an `EAGAIN` while filling means the
+    /// socket is empty (never that the pipe is full), and readiness stays truthful. The pipe goes back
+    /// to the pool empty; on an error (or if this future is dropped) it may hold bytes, and is closed.
     #[cfg(target_os = "linux")]
-    async fn run_splice(self) -> Result<(), End> {
-        use super::pipe::Pipe;
+    async fn splice_burst(
+        &self,
+        pipe: super::pipe::Pipe,
+        tally: &mut Tally<'_>,
+    ) -> Result<Burst, End> {
         use std::os::fd::AsRawFd;
         use tokio::io::Interest;
 
-        let mut tally = self.tally();
         let (from, to) = (self.from.as_ref(), self.to.as_ref());
         let (from_fd, to_fd) = (from.as_raw_fd(), to.as_raw_fd());
         let read_failed = |e| End::ReadFailed(self.source_side(), e);
         let write_failed = |e| End::WriteFailed(self.to_side, e);
         loop {
-            from.readable().await.map_err(read_failed)?;
-            let pipe = Pipe::take().map_err(read_failed)?;
-            loop {
-                let filled = from.try_io(Interest::READABLE, || {
-                    pipe.fill_from(from_fd, pipe.capacity())
-                });
-                let mut in_pipe = match filled {
-                    Ok(0) => {
-                        pipe.give_back();
-                        tally.flush();
-                        return self.forward_eof();
-                    }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    // The pipe is dropped, not pooled: it may hold bytes.
-                    Err(e) => return Err(read_failed(e)),
-                };
-                self.activity.touch();
-                while in_pipe > 0 {
-                    match to.try_io(Interest::WRITABLE, || pipe.drain_into(to_fd, in_pipe)) {
-                        Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
-                        Ok(n) => {
-                            in_pipe -= n;
-                            tally.pending += n as u64;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            to.writable().await.map_err(write_failed)?;
-                            self.activity.touch();
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(write_failed(e)),
-                    }
+            let filled = from.try_io(Interest::READABLE, || {
+                pipe.fill_from(from_fd, pipe.capacity())
+            });
+            let mut in_pipe = match filled {
+                Ok(0) => {
+                    pipe.give_back(self.max_pipes);
+                    return Ok(Burst::Ended);
                 }
-                if tally.pending >= TALLY_FLUSH_BYTES {
-                    tally.flush();
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(read_failed(e)),
+            };
+            self.activity.touch();
+            while in_pipe > 0 {
+                match to.try_io(Interest::WRITABLE, || pipe.drain_into(to_fd, in_pipe)) {
+                    Ok(0) => return Err(write_failed(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        in_pipe -= n;
+                        tally.pending += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        to.writable().await.map_err(write_failed)?;
+                        self.activity.touch();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(write_failed(e)),
                 }
-                // try_io does not count against the task's cooperative budget: count each chunk here,
-                // so that a transfer that never blocks still lets the worker thread run other tasks.
-                tokio::task::consume_budget().await;
             }
-            pipe.give_back();
-            tally.flush();
+            if tally.pending >= TALLY_FLUSH_BYTES {
+                tally.flush();
+            }
+            // try_io does not count against the task's cooperative budget: count each chunk here, so
+            // that a transfer that never blocks still lets the worker thread run other tasks.
+            tokio::task::consume_budget().await;
         }
+        pipe.give_back(self.max_pipes);
+        Ok(Burst::Drained)
     }
 
-    /// The buffered pump: read into a pooled buffer, write it all out. Reads go through `poll_read`, which
-    /// takes a short read as "drained" and clears readiness, so a burst costs no extra `read` that only
-    /// returns `EAGAIN`.
+    /// The buffered burst: read into a pooled buffer, write it all out, until the source is drained or
+    /// ends. Reads go through `poll_read`, which takes a short read as "drained" and clears readiness, so
+    /// a burst costs no extra `read` that only returns `EAGAIN`.
     ///
-    /// With `to_splice_on_bulk` (on Linux), a read that fills the whole buffer means a bulk transfer: once
-    /// it is written, this direction goes on with `splice`, which costs far less CPU per byte. Small
+    /// With `stop_on_bulk`, a read that fills the whole buffer ends the burst (once written) as
+    /// [`Burst::Bulk`]: a bulk transfer, which the splice path carries at far less CPU per byte. Small
     /// exchanges (requests, keep-alive answers) stay here, where one message costs one `read` and one
     /// `write`; the splice path pays an extra `EAGAIN` call per message.
-    async fn run_buffered(mut self, to_splice_on_bulk: bool) -> Result<(), End> {
-        // Counted locally and published once per burst (and when dropped, whatever the way out), so that
-        // the shared counters see one atomic add per burst rather than one per write, and stay exact.
-        let mut tally = self.tally();
+    async fn buffered_burst(
+        &mut self,
+        tally: &mut Tally<'_>,
+        stop_on_bulk: bool,
+    ) -> Result<Burst, End> {
+        let mut buf = PooledBuf::take(self.buffer_size);
         loop {
-            // Wait with no buffer held: an idle connection costs no buffer memory.
-            self.from
-                .readable()
-                .await
-                .map_err(|e| End::ReadFailed(self.source_side(), e))?;
-            let mut buf = PooledBuf::take(self.buffer_size);
-            loop {
-                match read_if_ready(&mut self.from, &mut buf).await {
-                    None => break,
-                    Some(Ok(0)) => {
-                        drop(buf);
+            match read_if_ready(&mut self.from, &mut buf).await {
+                None => return Ok(Burst::Drained),
+                Some(Ok(0)) => return Ok(Burst::Ended),
+                Some(Ok(n)) => {
+                    self.activity.touch();
+                    let written = write_all(&mut self.to, &buf[..n], tally).await;
+                    written.map_err(|e| End::WriteFailed(self.to_side, e))?;
+                    self.activity.touch();
+                    if stop_on_bulk && n == buf.len() {
+                        return Ok(Burst::Bulk);
+                    }
+                    if tally.pending >= TALLY_FLUSH_BYTES {
                         tally.flush();
-                        return self.forward_eof();
                     }
-                    Some(Ok(n)) => {
-                        self.activity.touch();
-                        let written = write_all(&mut self.to, &buf[..n], &mut tally).await;
-                        written.map_err(|e| End::WriteFailed(self.to_side, e))?;
-                        self.activity.touch();
-                        #[cfg(target_os = "linux")]
-                        if to_splice_on_bulk && n == buf.len() {
-                            drop((buf, tally));
-                            return self.run_splice().await;
-                        }
-                        if tally.pending >= TALLY_FLUSH_BYTES {
-                            tally.flush();
-                        }
-                    }
-                    Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Some(Err(e)) => return Err(End::ReadFailed(self.source_side(), e)),
                 }
+                Some(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Some(Err(e)) => return Err(End::ReadFailed(self.source_side(), e)),
             }
-            tally.flush();
-            drop(buf);
-            // `poll_read` also says "not ready" when this task has used up its cooperative budget, and
-            // then `readable()` would answer at once: yield here when the budget is gone, or we would spin.
-            tokio::task::consume_budget().await;
         }
     }
 }

@@ -233,10 +233,20 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub half_close_timeout: Duration,
 
-    /// Connections carried at once; further clients wait in the kernel's accept backlog. Default: as many
-    /// as the open-file limit allows (two descriptors each), at most 100000.
+    /// Connections carried at once; further clients wait in the kernel's accept backlog. Each holds two
+    /// descriptors, and two more for each direction that holds a splice pipe (see --max-pipes). Default:
+    /// of the open-file limit L, 64 are kept for the process; three quarters of the rest go to
+    /// connections, at two each, (L - 64) * 3/8, at most 100000 (360 at L = 1024); the last quarter is
+    /// left to pipes.
     #[arg(long, value_name = "N", value_parser = parse_count::<usize>, allow_hyphen_values = true)]
     pub max_connections: Option<usize>,
+
+    /// Splice pipes open at once, in use and pooled (two descriptors each); past it, a direction carries
+    /// its bytes through a buffer instead (never a reset). 0 turns splicing off. Default: what the
+    /// open-file limit L leaves after 64 for the process and two per connection, (L - 64 - 2 *
+    /// max-connections) / 2, at most 100000; at L = 1024 with the default --max-connections, 120.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub max_pipes: Option<usize>,
 
     /// On SIGINT/SIGTERM, how long connections in flight may take to finish before they are closed.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -261,8 +271,8 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub copy_mode: CopyMode,
 
-    /// Buffer per direction while data is in flight, in the auto and pooled modes (bytes; k and m
-    /// suffixes).
+    /// Buffer per direction while data is in flight, in the auto and pooled modes, and in splice for
+    /// the bytes that get no pipe (bytes; k and m suffixes).
     #[arg(long, value_name = "BYTES", default_value = "64k", value_parser = parse_size, allow_hyphen_values = true)]
     pub buffer_size: usize,
 
@@ -422,6 +432,12 @@ impl BalancerArgs {
             }
             backends.push(backend);
         }
+        let max_connections = self
+            .max_connections
+            .unwrap_or_else(|| default_max_connections(fd_limit));
+        let max_pipes = self
+            .max_pipes
+            .unwrap_or_else(|| default_max_pipes(fd_limit, max_connections));
         let config = BalancerConfig::new(backends)
             .slow_start(self.slow_start)
             .queue(self.max_queue, self.queue_timeout)
@@ -430,10 +446,8 @@ impl BalancerArgs {
             .connect_attempts(self.connect_attempts)
             .idle_timeout(self.idle_timeout)
             .half_close_timeout(self.half_close_timeout)
-            .max_connections(
-                self.max_connections
-                    .unwrap_or_else(|| default_max_connections(fd_limit)),
-            )
+            .max_connections(max_connections)
+            .max_pipes(max_pipes)
             .drain_timeout(self.drain_timeout)
             .copy_mode(self.copy_mode)
             .buffer_size(self.buffer_size)
@@ -492,6 +506,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("half_close_timeout", "--half-close-timeout"),
     ("drain_timeout", "--drain-timeout"),
     ("max_connections", "--max-connections"),
+    ("max_pipes", "--max-pipes"),
     ("health.failure_threshold", "--fail-threshold"),
     ("health.backoff", "--down-backoff"),
     ("buffer_size", "--buffer-size"),
@@ -578,11 +593,34 @@ pub fn cluster_in_flag_words(e: &ClusterError) -> String {
     escape_controls(&words)
 }
 
-/// Two descriptors per connection, 64 kept for the process itself; 100,000 at most, 1 at least.
+/// Descriptors kept for the process itself: standard streams, the runtimes' epoll and wake-up
+/// descriptors, the listeners, the metrics endpoint and its scrapes, the signal pipe.
+const RESERVED_FDS: u64 = 64;
+
+/// The descriptor budget, from the open-file limit L. A connection holds 2 descriptors (its two
+/// sockets), and each direction that is spliced holds a pipe, 2 more, while its bytes are in flight: up
+/// to 6. Pipes are bounded on their own (`--max-pipes`, and a burst that gets none goes through a
+/// buffer), so connections are not sized for the worst case: of the L - 64 descriptors that the process
+/// leaves, three quarters go to connections, (L - 64) * 3/8 of them, and the last quarter to pipes (see
+/// [`default_max_pipes`]). 100,000 at most, 1 at least; 10,000 when the limit is not known.
 pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
     match fd_limit {
-        Some(n) => (n.saturating_sub(64) / 2).clamp(1, 100_000) as usize,
+        Some(n) => (n.saturating_sub(RESERVED_FDS) / 8 * 3).clamp(1, 100_000) as usize,
         None => 10_000,
+    }
+}
+
+/// What the open-file limit L leaves for pipes once the process has its 64 and every connection its
+/// two: (L - 64 - 2 * max_connections) / 2, at most 100,000 (0 when nothing is left: every burst then
+/// goes through a buffer). With the default connection limit, a quarter of L - 64 in descriptors;
+/// the library's default (4096) when the limit is not known.
+pub fn default_max_pipes(fd_limit: Option<u64>, max_connections: usize) -> usize {
+    match fd_limit {
+        Some(n) => {
+            let sockets = (max_connections as u64).saturating_mul(2);
+            (n.saturating_sub(RESERVED_FDS).saturating_sub(sockets) / 2).min(100_000) as usize
+        }
+        None => ulb_tcp::config::DEFAULT_MAX_PIPES,
     }
 }
 
@@ -710,10 +748,28 @@ mod tests {
 
     #[test]
     fn the_default_connection_limit_follows_the_descriptor_limit() {
-        assert_eq!(default_max_connections(Some(1024)), 480);
+        assert_eq!(default_max_connections(Some(1024)), 360);
+        assert_eq!(default_max_connections(Some(200)), 51);
         assert_eq!(default_max_connections(Some(10)), 1);
         assert_eq!(default_max_connections(Some(1 << 40)), 100_000);
         assert_eq!(default_max_connections(None), 10_000);
+    }
+
+    #[test]
+    fn the_default_pipe_limit_takes_what_the_connections_leave() {
+        assert_eq!(default_max_pipes(Some(1024), 360), 120);
+        assert_eq!(default_max_pipes(Some(200), 51), 17);
+        // Connections and pipes at their limits fit the descriptors, with the process's 64.
+        for limit in [100, 200, 1024, 4096, 65_536, 1 << 20] {
+            let conns = default_max_connections(Some(limit));
+            let pipes = default_max_pipes(Some(limit), conns);
+            assert!(64 + 2 * conns as u64 + 2 * pipes as u64 <= limit, "{limit}");
+            assert!(pipes > 0, "{limit}");
+        }
+        // A connection limit that takes every descriptor leaves none for pipes.
+        assert_eq!(default_max_pipes(Some(48), 1000), 0);
+        assert_eq!(default_max_pipes(Some(1 << 40), 100_000), 100_000);
+        assert_eq!(default_max_pipes(None, 10_000), 4096);
     }
 
     #[test]

@@ -108,6 +108,7 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
         idle_timeout = ?c.idle_timeout,
         drain_timeout = ?c.drain_timeout,
         max_connections = c.max_connections,
+        max_pipes = c.max_pipes,
         runtime = ?mode,
         threads,
         "ulb-tcp {} starting",
@@ -254,8 +255,9 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit, as HAProxy does (every connection holds two),
-/// and returns the limit in force.
+/// Raises the soft limit on open files to the hard limit, as HAProxy does (every connection holds two,
+/// and a spliced direction two more for its pipe), and returns the limit in force, from which the
+/// defaults of --max-connections and --max-pipes are drawn.
 #[cfg(unix)]
 fn raise_fd_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
