@@ -1,29 +1,46 @@
 #!/usr/bin/env python3
 """Compare ulb-tcp with a direct connection and with HAProxy (mode tcp), on loopback, in one run.
 
-    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--out BENCHMARKS.md]
+    python3 benches/compare.py [--rounds 3] [--seconds 4] [--quick] [--only S2,redis] [--out BENCHMARKS.md]
 
 Scenarios (each measured for every target, interleaved: for round: for scenario: for target):
   S1 bulk throughput, iperf3, 1 and 4 streams, both directions (Gbit/s)
-  S2 connection rate, wrk with "Connection: close" against nginx (requests/s)
-  S3 keep-alive request rate, wrk, 50 connections, against nginx (requests/s)
+  S2 connection rate, wrk -t1 and -t2 with "Connection: close" against nginx (requests/s), and the
+     balancer's CPU per connection
+  S3 keep-alive request rate, wrk -t1 and -t2, 50 connections, against nginx (requests/s), and the
+     balancer's CPU per request
   S4 latency p50/p99/p99.9 at a fixed rate through an echo server (examples/latency_probe.rs)
   S5 memory per established idle connection (10,000 connections held, balancer RSS delta)
   S6 balancer CPU seconds per GB carried, during the S1 1-stream runs
+  S7 redis-benchmark -t get,set -c 50, -P 16 and -P 1, against redis-server (GET and SET requests/s), and
+     the balancer's CPU per request
+  S8 system calls per connection of the balancer (strace -f -p) during a short wrk "Connection: close"
+     run, for ulb-tcp and HAProxy 1t (--syscall-targets)
+`--only` (alias `--scenarios`) picks scenarios: 'S1,S3', 'redis', 'syscalls', 'S2 wrk -t1'.
 
 Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
 plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
 `--runtime` that is not the default, if the binary has the flag), one row per `--variant`, HAProxy 2.6 mode tcp in
 several variants (1/2 threads, splice on/off). `--skip` leaves targets out. Each balancer is started fresh for every single measurement and stopped after it.
+The target order rotates: in round r (from 1) the targets start at position r - 1, so that no target always
+follows `direct` (that position lost about 8% of its connection rate).
+
+Figures: medians over rounds with their spread; ratios to direct and to HAProxy's best variant, unpaired
+(median / median) and paired (per round, ulb-tcp / the HAProxy variant with the best median over the run,
+in that same round: median of the per-round ratios with min-max).
+
+Foreign load: for each measurement the CPU used by processes that are not this script or its descendants is
+read from /proc (shown in the report); `--gate-foreign-cpu 0.15` redoes a measurement during which they used
+more than 0.15 cores, at most `--gate-redos` (2) times.
 
 Everything runs on 127.0.0.1 with ports chosen free by the kernel; every process started is stopped and
 waited for, and the temporary directory is removed, also on errors and Ctrl-C. A failed measurement is
 reported (scenario, target, round, reason) and shown as "fail"; the others go on.
 
-Installs haproxy, nginx, wrk and iperf3 from Debian when missing and running as root. Builds ulb-tcp and the
-probe in release (`cargo build --release --bin ulb-tcp --example latency_probe`, honouring
-CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a concurrent rebuild cannot swap
-them in the middle of a run.
+Installs haproxy, nginx, wrk, iperf3, redis-server, redis-tools and strace from Debian when missing and
+running as root. Builds ulb-tcp and the probe in release (`cargo build --release --bin ulb-tcp --example
+latency_probe`, honouring CARGO_TARGET_DIR) and copies both binaries to the temporary directory, so a
+concurrent rebuild cannot swap them in the middle of a run.
 """
 
 import argparse
@@ -256,14 +273,16 @@ def wait_listening(procs, p, port, timeout=10.0):
 
 
 def ensure_tools():
-    needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3"}
-    missing = [pkg for tool, pkg in needed.items() if not tool_path(tool)]
+    # tool -> Debian package
+    needed = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "iperf3": "iperf3",
+              "redis-server": "redis-server", "redis-benchmark": "redis-tools", "strace": "strace"}
+    missing = sorted({pkg for tool, pkg in needed.items() if not tool_path(tool)})
     if missing:
         if os.geteuid() != 0:
             sys.exit(f"compare.py: missing tools {', '.join(missing)}; install them (apt-get install -y {' '.join(missing)})")
         log(f"installing {' '.join(missing)} from Debian")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "haproxy", "nginx", "wrk", "iperf3"]):
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y"] + missing):
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 sys.exit(f"compare.py: {shlex.join(cmd)} failed ({r.returncode}): {tail(r.stderr)}")
@@ -351,6 +370,18 @@ http {{
 def start_iperf3(procs):
     port = free_port()
     p = procs.start("iperf3-server", [tool_path("iperf3"), "-s", "-B", "127.0.0.1", "-p", str(port)])
+    wait_listening(procs, p, port)
+    return p, port
+
+
+def start_redis(procs, tmp):
+    root = os.path.join(tmp, "redis")
+    os.makedirs(root, exist_ok=True)
+    port = free_port()
+    # No persistence, no protected mode (loopback only anyway), plenty of clients.
+    cmd = [tool_path("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--protected-mode", "no", "--daemonize", "no", "--dir", root, "--maxclients", "10000", "--loglevel", "warning"]
+    p = procs.start("redis-server", cmd)
     wait_listening(procs, p, port)
     return p, port
 
@@ -481,7 +512,8 @@ class Env:
             log(f"{kind} backend had exited ({p.returncode}): {tail(self.procs.output(p))}; restarting it")
             self.procs.stop(p)
         starter = {"nginx": lambda: start_nginx(self.procs, self.tmp), "iperf3": lambda: start_iperf3(self.procs),
-                   "echo": lambda: start_echo(self.procs, self.bins)}[kind]
+                   "echo": lambda: start_echo(self.procs, self.bins),
+                   "redis": lambda: start_redis(self.procs, self.tmp)}[kind]
         p, port = starter()
         self.backends[kind] = (p, port)
         return port
@@ -525,39 +557,182 @@ def s1_iperf(env, target, streams, reverse, want_cpu):
 
 
 WRK_RPS = re.compile(r"Requests/sec:\s*([\d.]+)")
+WRK_REQS = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b")
 WRK_ERR = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
 
 
-def s_wrk(env, target, close):
+def wrk_cmd(env, port, threads, close, seconds=None):
+    cmd = [tool_path("wrk"), f"-t{threads}", "-c50", f"-d{seconds or env.args.seconds}s"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    return cmd + [f"http://127.0.0.1:{port}/"]
+
+
+def parse_wrk(r):
+    """(requests/s, requests completed, notes) from a finished wrk; raises Failure."""
+    m = WRK_RPS.search(r.stdout)
+    n = WRK_REQS.search(r.stdout)
+    if r.returncode != 0 or not m or not n:
+        raise Failure(f"wrk exited {r.returncode}: {tail(r.stderr or r.stdout)}")
+    rps, reqs = float(m.group(1)), int(n.group(1))
+    notes = []
+    e = WRK_ERR.search(r.stdout)
+    if e:
+        c, rd, w, t = map(int, e.groups())
+        # With "Connection: close" wrk counts nothing as an error for a clean close; anything here is real.
+        if c + rd + w + t:
+            notes.append(f"socket errors connect {c} read {rd} write {w} timeout {t}")
+    x = WRK_NON2XX.search(r.stdout)
+    if x and int(x.group(1)):
+        notes.append(f"{x.group(1)} non-2xx responses")
+    if rps <= 0 or reqs <= 0:
+        raise Failure(f"wrk measured 0 requests/s: {tail(r.stdout)}")
+    return rps, reqs, notes
+
+
+def s_wrk(env, target, close, threads):
+    """requests/s of `wrk -tN -c50`, and the balancer's CPU µs per request (all its threads, utime+stime
+    read from /proc around the run; with Connection: close one request is one connection)."""
     bport = env.backend("nginx")
     port, bal = target.start(env, bport)
     try:
-        cmd = [tool_path("wrk"), "-t2", "-c50", f"-d{env.args.seconds}s"]
-        if close:
-            cmd += ["-H", "Connection: close"]
-        cmd.append(f"http://127.0.0.1:{port}/")
-        r = run(cmd, timeout=env.args.seconds + 30)
-        m = WRK_RPS.search(r.stdout)
-        if r.returncode != 0 or not m:
-            raise Failure(f"wrk exited {r.returncode}: {tail(r.stderr or r.stdout)}")
-        rps = float(m.group(1))
-        notes = []
-        e = WRK_ERR.search(r.stdout)
-        if e:
-            c, rd, w, t = map(int, e.groups())
-            # With "Connection: close" wrk counts nothing as an error for a clean close; anything here is real.
-            if c + rd + w + t:
-                notes.append(f"socket errors connect {c} read {rd} write {w} timeout {t}")
-        n = WRK_NON2XX.search(r.stdout)
-        if n and int(n.group(1)):
-            notes.append(f"{n.group(1)} non-2xx responses")
-        if rps <= 0:
-            raise Failure(f"wrk measured 0 requests/s: {tail(r.stdout)}")
+        cpu0 = cpu_seconds(bal.pid) if bal else None
+        r = run(wrk_cmd(env, port, threads, close), timeout=env.args.seconds + 30)
+        cpu1 = cpu_seconds(bal.pid) if bal else None
+        rps, reqs, notes = parse_wrk(r)
         if bal is not None and bal.poll() is not None:
             raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
-        return {"rps": rps, "_notes": notes}
+        out = {"rps": rps, "_notes": notes}
+        if bal is not None:
+            out["cpu_us"] = (cpu1 - cpu0) * 1e6 / reqs
+        return out
     finally:
+        if bal is not None:
+            env.procs.stop(bal)
+
+
+def redis_requests(args, pipeline):
+    """Requests per test (-n) for redis-benchmark: sized so that one test lasts about --seconds through a
+    balancer on a small machine (loopback, 2 cores: ~400k/s with -P 16, ~40k/s with -P 1 through a balancer)."""
+    if pipeline > 1:
+        return args.redis_n16 or 400_000 * args.seconds
+    return args.redis_n1 or 40_000 * args.seconds
+
+
+def s_redis(env, target, pipeline):
+    """redis-benchmark -t get,set -c 50 -P N -n REQUESTS against a redis-server behind the target: GET and SET
+    requests/s, and the balancer's CPU µs per request over both tests. Bounded in count (-n) and time (timeout)."""
+    bport = env.backend("redis")
+    port, bal = target.start(env, bport)
+    try:
+        n = redis_requests(env.args, pipeline)
+        cmd = [tool_path("redis-benchmark"), "-h", "127.0.0.1", "-p", str(port), "-t", "get,set", "-c", "50",
+               "-P", str(pipeline), "-n", str(n), "--csv"]
+        # Time bound: a generous multiple of the planned duration (2 tests of about --seconds each).
+        timeout = max(30, 8 * env.args.seconds)
+        cpu0 = cpu_seconds(bal.pid) if bal else None
+        r = run(cmd, timeout=timeout)
+        cpu1 = cpu_seconds(bal.pid) if bal else None
+        if r.returncode != 0:
+            raise Failure(f"redis-benchmark exited {r.returncode}: {tail(r.stderr or r.stdout)}")
+        got = {}
+        for line in r.stdout.splitlines():
+            cells = [c.strip('"') for c in line.strip().split(",")]
+            if len(cells) >= 2 and cells[0] in ("GET", "SET"):
+                try:
+                    got[cells[0]] = float(cells[1])
+                except ValueError:
+                    pass
+        if set(got) != {"GET", "SET"} or min(got.values()) <= 0:
+            raise Failure(f"redis-benchmark printed no GET and SET rates: {tail(r.stdout + r.stderr)}")
+        if bal is not None and bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
+        out = {"get": got["GET"], "set": got["SET"], "_notes": []}
+        if bal is not None:
+            out["cpu_us"] = (cpu1 - cpu0) * 1e6 / (2 * n)
+        return out
+    finally:
+        if bal is not None:
+            env.procs.stop(bal)
+
+
+# System calls reported one by one (per connection); every other one counts in the total and in the details.
+SYSCALLS = ["accept4", "connect", "socket", "close", "shutdown", "epoll_ctl", "epoll_wait", "getsockopt",
+            "setsockopt", "sendto", "recvfrom", "read", "write", "splice"]
+STRACE_CALL = re.compile(r"^(\d+)\s+([a-z_0-9]+)\(")
+STRACE_RESUMED = re.compile(r"^(\d+)\s+<\.\.\. ([a-z_0-9]+) resumed>")
+STRACE_RESULT = re.compile(r"= (-?\d+|\?|0x[0-9a-f]+)(?: (E[A-Z0-9]+))?(?: \(.*\))?\s*$")
+
+
+def parse_strace(path):
+    """({syscall: calls}, {(syscall, errno): failed calls}) from `strace -f -o path` output."""
+    calls, errors = {}, {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = STRACE_RESUMED.match(line)
+            if m:
+                name = m.group(2)  # counted when it started (the "unfinished" line)
+            else:
+                m = STRACE_CALL.match(line)
+                if not m:
+                    continue  # signals, exits, attach/detach messages
+                name = m.group(2)
+                calls[name] = calls.get(name, 0) + 1
+                if line.rstrip().endswith("<unfinished ...>"):
+                    continue
+            res = STRACE_RESULT.search(line)
+            if res and res.group(2):
+                errors[(name, res.group(2))] = errors.get((name, res.group(2)), 0) + 1
+    return calls, errors
+
+
+def s_syscalls(env, target):
+    """System calls of the balancer (all threads, strace -f -p) per connection during a short
+    `wrk -t2 -c50 -H "Connection: close"` run against nginx. Under strace every call stops the balancer twice,
+    so it runs far slower than untraced: more work waits per wake-up, which lowers the counts that depend on
+    timing (epoll_wait, failed accept4/reads) below what an untraced run makes. Counts per connection of the
+    rest (accept4, connect, close, ...) do not depend on speed."""
+    bport = env.backend("nginx")
+    port, bal = target.start(env, bport)
+    tracer = None
+    try:
+        trace = os.path.join(env.tmp, f"strace-{port}.txt")
+        tracer = env.procs.start("strace", [tool_path("strace"), "-f", "-s", "0", "-o", trace, "-p", str(bal.pid)])
+        deadline = time.monotonic() + 10
+        while "attached" not in env.procs.output(tracer):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                raise Failure(f"strace did not attach to {target.name}: {tail(env.procs.output(tracer))}")
+            time.sleep(0.05)
+        time.sleep(0.2)
+        r = run(wrk_cmd(env, port, 2, True, seconds=env.args.syscall_seconds), timeout=env.args.syscall_seconds + 30)
+        # Let the balancer finish the connections wrk left open when it stopped (their closes and shutdowns),
+        # so that every connection accepted under the trace is traced to its end.
+        time.sleep(1.0)
+        env.procs.stop(tracer, grace=15.0)  # SIGTERM: strace detaches from every thread and flushes its output
+        tracer = None
+        _, reqs, notes = parse_wrk(r)
+        calls, errors = parse_strace(trace)
+        if bal.poll() is not None:
+            raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
+        if not calls:
+            raise Failure(f"strace recorded no system call of {target.name}")
+        # Per connection = per connection the balancer accepted under the trace (successful accept4/accept):
+        # wrk's count leaves out the ~50 it had in flight when it stopped, which the balancer handled all the same.
+        accepted = sum(calls.get(k, 0) for k in ("accept4", "accept")) - sum(
+            v for (k, _), v in errors.items() if k in ("accept4", "accept"))
+        conns = accepted if accepted > 0 else reqs
+        per = {f"sc_{k}": calls.get(k, 0) / conns for k in SYSCALLS}
+        per["sc_total"] = sum(calls.values()) / conns
+        per["sc_accept4_eagain"] = errors.get(("accept4", "EAGAIN"), 0) / conns
+        notes.append(f"strace: {accepted:,} connections accepted" + ("" if accepted > 0 else " (none seen: divided by wrk's count)")
+                     + f", {reqs:,} requests completed by wrk, {sum(calls.values()):,} system calls")
+        per["_notes"] = notes
+        per["_detail"] = {"conns": conns, "requests": reqs, "accepted": accepted, "calls": calls, "errors": errors}
+        return per
+    finally:
+        if tracer is not None:
+            env.procs.stop(tracer, grace=15.0)
         if bal is not None:
             env.procs.stop(bal)
 
@@ -621,24 +796,60 @@ def s5_memory(env, target):
             env.procs.stop(bal)
 
 
-# Columns: (key, header, unit, higher is better, scenario that produces it, metric)
-COLUMNS = [
-    ("s1_1f", "S1 1 stream Gbit/s", True),
-    ("s1_1r", "S1 1 stream -R Gbit/s", True),
-    ("s1_4f", "S1 4 streams Gbit/s", True),
-    ("s1_4r", "S1 4 streams -R Gbit/s", True),
-    ("s2", "S2 conn/s (close)", True),
-    ("s3", "S3 req/s (keep-alive)", True),
-    ("s4_p50", "S4 p50 µs", False),
-    ("s4_p99", "S4 p99 µs", False),
-    ("s4_p999", "S4 p99.9 µs", False),
-    ("s5", "S5 KiB/conn", False),
-    ("s6", "S6 CPU s/GB", False),
+# Columns: (key, header, higher is better, table). Tables group the columns in the report.
+TABLES = [
+    ("rates", "S1–S3: throughput and request rates"),
+    ("redis", "S7: redis-benchmark requests/s (GET and SET each)"),
+    ("lat", "S4–S6: latency, memory per connection, CPU per GB"),
+    ("cpu", "Balancer CPU per connection and per request (µs)"),
+    ("sc", "S8: balancer system calls per connection (strace)"),
 ]
+COLUMNS = [
+    ("s1_1f", "S1 1 stream Gbit/s", True, "rates"),
+    ("s1_1r", "S1 1 stream -R Gbit/s", True, "rates"),
+    ("s1_4f", "S1 4 streams Gbit/s", True, "rates"),
+    ("s1_4r", "S1 4 streams -R Gbit/s", True, "rates"),
+    ("s2_t1", "S2 -t1 conn/s (close)", True, "rates"),
+    ("s2_t2", "S2 -t2 conn/s (close)", True, "rates"),
+    ("s3_t1", "S3 -t1 req/s (keep-alive)", True, "rates"),
+    ("s3_t2", "S3 -t2 req/s (keep-alive)", True, "rates"),
+    ("r16_get", "-P 16 GET/s", True, "redis"),
+    ("r16_set", "-P 16 SET/s", True, "redis"),
+    ("r1_get", "-P 1 GET/s", True, "redis"),
+    ("r1_set", "-P 1 SET/s", True, "redis"),
+    ("s4_p50", "S4 p50 µs", False, "lat"),
+    ("s4_p99", "S4 p99 µs", False, "lat"),
+    ("s4_p999", "S4 p99.9 µs", False, "lat"),
+    ("s5", "S5 KiB/conn", False, "lat"),
+    ("s6", "S6 CPU s/GB", False, "lat"),
+    ("cpu_conn_t1", "per conn, S2 -t1", False, "cpu"),
+    ("cpu_conn_t2", "per conn, S2 -t2", False, "cpu"),
+    ("cpu_req_t1", "per req, S3 -t1", False, "cpu"),
+    ("cpu_req_t2", "per req, S3 -t2", False, "cpu"),
+    ("cpu_r16", "per req, redis -P 16", False, "cpu"),
+    ("cpu_r1", "per req, redis -P 1", False, "cpu"),
+    ("sc_total", "total", False, "sc"),
+] + [(f"sc_{k}", k, False, "sc") for k in SYSCALLS[:1]] + [("sc_accept4_eagain", "accept4 EAGAIN", False, "sc")] + [
+    (f"sc_{k}", k, False, "sc") for k in SYSCALLS[1:]
+]
+COLUMN = {k: (h, higher, table) for k, h, higher, table in COLUMNS}
+ADDED = ("s4_p50", "s4_p99", "s4_p999")  # shown with the added latency (target minus direct, same round)
+
+
+class Scenario:
+    """name (for --only), fn(target) -> {column key: value}, the columns it fills, those it fills only behind a
+    balancer (n/a for direct), and which targets it runs for."""
+
+    def __init__(self, name, fn, keys, balancer_keys=(), applies=None):
+        self.name, self.fn, self.keys, self.balancer_keys = name, fn, keys, set(balancer_keys)
+        self.applies = applies or (lambda t: True)
+
+    def expected(self, t):
+        return [k for k in self.keys if not (t.kind == "direct" and k in self.balancer_keys)]
 
 
 def scenarios(env):
-    """(scenario name, function(target) -> {column key: value})"""
+    a = env.args
 
     def iperf(streams, rev, key):
         def f(t):
@@ -650,10 +861,19 @@ def scenarios(env):
 
         return f
 
-    def wrk(close, key):
+    def wrk(close, threads, key, cpu_key):
         def f(t):
-            r = s_wrk(env, t, close)
-            return {key: r["rps"], "_notes": r["_notes"]}
+            r = s_wrk(env, t, close, threads)
+            return {key: r["rps"], cpu_key: r.get("cpu_us"), "_notes": r["_notes"]}
+
+        return f
+
+    def redis(pipeline):
+        pre = "r16" if pipeline > 1 else "r1"
+
+        def f(t):
+            r = s_redis(env, t, pipeline)
+            return {f"{pre}_get": r["get"], f"{pre}_set": r["set"], f"cpu_{pre}": r.get("cpu_us"), "_notes": r["_notes"]}
 
         return f
 
@@ -663,31 +883,74 @@ def scenarios(env):
 
     def mem(t):
         r = s5_memory(env, t)
-        return {"s5": r["kib_per_conn"]} if r else {}
+        return {"s5": r["kib_per_conn"]}
 
+    sc_targets = [n.strip() for n in a.syscall_targets.split(",") if n.strip()]
+    sc_keys = [k for k, _, _, table in COLUMNS if table == "sc"]
     return [
-        ("S1 iperf3 1 stream", iperf(1, False, "s1_1f")),
-        ("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r")),
-        ("S1 iperf3 4 streams", iperf(4, False, "s1_4f")),
-        ("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r")),
-        ("S2 wrk Connection: close", wrk(True, "s2")),
-        ("S3 wrk keep-alive", wrk(False, "s3")),
-        ("S4 latency_probe load", lat),
-        ("S5 latency_probe hold", mem),
+        Scenario("S1 iperf3 1 stream", iperf(1, False, "s1_1f"), ["s1_1f", "s6"], ["s6"]),
+        Scenario("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r"), ["s1_1r"]),
+        Scenario("S1 iperf3 4 streams", iperf(4, False, "s1_4f"), ["s1_4f"]),
+        Scenario("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r"), ["s1_4r"]),
+        Scenario("S2 wrk -t1 Connection: close", wrk(True, 1, "s2_t1", "cpu_conn_t1"), ["s2_t1", "cpu_conn_t1"], ["cpu_conn_t1"]),
+        Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2", "cpu_conn_t2"), ["s2_t2", "cpu_conn_t2"], ["cpu_conn_t2"]),
+        Scenario("S3 wrk -t1 keep-alive", wrk(False, 1, "s3_t1", "cpu_req_t1"), ["s3_t1", "cpu_req_t1"], ["cpu_req_t1"]),
+        Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2", "cpu_req_t2"), ["s3_t2", "cpu_req_t2"], ["cpu_req_t2"]),
+        Scenario("S7 redis-benchmark -P 16", redis(16), ["r16_get", "r16_set", "cpu_r16"], ["cpu_r16"]),
+        Scenario("S7 redis-benchmark -P 1", redis(1), ["r1_get", "r1_set", "cpu_r1"], ["cpu_r1"]),
+        Scenario("S4 latency_probe load", lat, ["s4_p50", "s4_p99", "s4_p999"]),
+        Scenario("S5 latency_probe hold", mem, ["s5"], applies=lambda t: t.kind != "direct"),
+        Scenario("S8 syscalls strace wrk Connection: close", lambda t: s_syscalls(env, t), sc_keys,
+                 applies=lambda t: t.name in sc_targets),
     ]
 
 
-# Which columns each scenario is expected to fill, for the "fail" marks.
-SCENARIO_KEYS = {
-    "S1 iperf3 1 stream": ["s1_1f", "s6"],
-    "S1 iperf3 1 stream -R": ["s1_1r"],
-    "S1 iperf3 4 streams": ["s1_4f"],
-    "S1 iperf3 4 streams -R": ["s1_4r"],
-    "S2 wrk Connection: close": ["s2"],
-    "S3 wrk keep-alive": ["s3"],
-    "S4 latency_probe load": ["s4_p50", "s4_p99", "s4_p999"],
-    "S5 latency_probe hold": ["s5"],
-}
+def select_scenarios(scens, only):
+    """--only/--scenarios: comma-separated; a scenario is kept when a word is a prefix of its name or, from 3
+    letters on, appears in it (case-insensitive): 'S1,S3', 'redis', '-t1', 'syscalls'."""
+    words = [w.strip().lower() for w in only.split(",") if w.strip()]
+    keep = [s for s in scens if any(s.name.lower().startswith(w) or (len(w) >= 3 and w in s.name.lower()) for w in words)]
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# foreign load: CPU used during a measurement by processes that are not this script or its descendants
+
+
+def cpu_snapshot():
+    """(monotonic time, machine busy CPU seconds, this script's and its descendants' CPU seconds).
+
+    Machine busy = user + nice + system of /proc/stat's "cpu" line (irq, softirq and steal left out: with IRQ
+    time accounting the softirq work of loopback traffic is not charged to any process, so it could not be told
+    ours or foreign). Ours = os.times() of this process (itself and every child it has reaped) plus
+    utime+stime+cutime+cstime of each live descendant, so a child reaped between two snapshots moves from one
+    term to the other without a jump."""
+    now = time.monotonic()
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    busy = sum(int(x) for x in fields[1:4]) / CLK_TCK
+    t = os.times()
+    ours = t.user + t.system + t.children_user + t.children_system
+    me = os.getpid()
+    for p in proc_tree(me):
+        if p == me:
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                stat = f.read()
+            v = stat[stat.rindex(")") + 2 :].split()
+            ours += (int(v[11]) + int(v[12]) + int(v[13]) + int(v[14])) / CLK_TCK
+        except (OSError, ValueError, IndexError):
+            continue
+    return now, busy, ours
+
+
+def foreign_cores(before, after):
+    dt = after[0] - before[0]
+    if dt <= 0:
+        return 0.0
+    return max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / dt
+
 
 # ----------------------------------------------------------------------------------------------------------
 # report
@@ -696,39 +959,50 @@ SCENARIO_KEYS = {
 def fmt(v, key):
     if v is None:
         return "n/a"
-    if key.startswith("s1"):
+    if key.startswith("s1") or key in ("s5", "s6") or key.startswith("cpu") or key.startswith("sc_"):
         return f"{v:.2f}"
-    if key in ("s2", "s3"):
+    if key.startswith(("s2", "s3", "r1", "r16")):
         return f"{v:,.0f}"
-    if key == "s6":
-        return f"{v:.2f}"
-    if key == "s5":
-        return f"{v:.2f}"
     return f"{v:.1f}"
+
+
+def added_fmt(v, key):
+    return ("+" if v >= 0 else "−") + fmt(abs(v), key)
+
+
+def ratio_fmt(v):
+    return f"{v:.2f}×"
 
 
 class Results:
     def __init__(self, targets):
         self.targets = targets
-        self.values = {t.name: {k: [] for k, _, _ in COLUMNS} for t in targets}
-        self.added = {t.name: {k: [] for k in ("s4_p50", "s4_p99", "s4_p999")} for t in targets}
-        self.failed = {t.name: {k: [] for k, _, _ in COLUMNS} for t in targets}
+        self.values = {t.name: {k: {} for k in COLUMN} for t in targets}  # name -> key -> {round: value}
+        self.failed = {t.name: {k: [] for k in COLUMN} for t in targets}  # name -> key -> [rounds]
+        self.details = {t.name: {} for t in targets}  # name -> {round: strace detail}
         self.failures = []  # (round, scenario, target, reason)
-        self.notes = []
+        self.notes = []  # (round, scenario, target, note)
+        self.foreign = []  # (round, scenario, target, cores of the measurement kept, redos)
+
+    def vals(self, name, key):
+        return list(self.values.get(name, {}).get(key, {}).values())
 
     def median(self, name, key):
-        vals = self.values.get(name, {}).get(key)
-        return statistics.median(vals) if vals else None
+        v = self.vals(name, key)
+        return statistics.median(v) if v else None
 
-    def cell(self, name, key, spread=False, target_kind=None):
-        vals = self.values[name][key]
+    def added(self, name, key):
+        """Target minus direct in the same round."""
+        mine, base = self.values[name][key], self.values.get("direct", {}).get(key, {})
+        return [v - base[r] for r, v in mine.items() if r in base]
+
+    def cell(self, name, key, spread=False):
+        vals = self.vals(name, key)
         if not vals:
-            if self.failed[name][key]:
-                return "fail"
-            return "n/a"
+            return "fail" if self.failed[name][key] else "n/a"
         s = fmt(statistics.median(vals), key)
-        if key.startswith("s4") and name != "direct" and self.added[name][key]:
-            s += f" (+{fmt(statistics.median(self.added[name][key]), key)})"
+        if key in ADDED and name != "direct" and self.added(name, key):
+            s += f" ({added_fmt(statistics.median(self.added(name, key)), key)})"
         if spread and len(vals) > 1:
             s += f" [{fmt(min(vals), key)}–{fmt(max(vals), key)}]"
         if self.failed[name][key]:
@@ -741,6 +1015,17 @@ class Results:
         if not cands:
             return None, None
         return (max if higher else min)(cands)
+
+    def paired(self, name, key):
+        """(HAProxy variant with the best median for this figure, [this target ÷ it, for each round both have])."""
+        _, ref = self.best("HAProxy", key, COLUMN[key][1])
+        if ref is None:
+            return None, []
+        mine, theirs = self.values[name][key], self.values[ref][key]
+        return ref, [v / theirs[r] for r, v in sorted(mine.items()) if theirs.get(r)]
+
+    def has_data(self, key):
+        return any(self.values[t.name][key] or self.failed[t.name][key] for t in self.targets)
 
 
 def report(res, targets, plain, header, args, elapsed):
@@ -757,66 +1042,129 @@ def report(res, targets, plain, header, args, elapsed):
         "All on loopback (127.0.0.1), client, balancer and backend on the same machine, so they compete for the\n"
         "same cores: these are relative figures for this machine, not capacity planning numbers. Each\n"
         "measurement starts its balancer fresh and stops it afterwards; rounds interleave every scenario and\n"
-        "target (for round: for scenario: for target), and each cell is the median over rounds.\n"
+        "target (for round: for scenario: for target), and each cell is the median over rounds. The target order\n"
+        "rotates: in round r (from 1) the targets start at position r − 1 of the list, so that no target always\n"
+        "runs right after `direct` (that position was measured to lose about 8% of the connection rate).\n"
     )
-    out.append(f"- **S1** iperf3 `-t {args.seconds}` to an iperf3 server, 1 and 4 streams (`-P 4`), client→server and `-R`; Gbit/s received. iperf3's control connection goes through the balancer too.")
-    out.append(f"- **S2** `wrk -t2 -c50 -d{args.seconds}s -H \"Connection: close\"` against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
-    out.append(f"- **S3** `wrk -t2 -c50 -d{args.seconds}s` keep-alive against the same nginx; requests/s.")
-    out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {args.seconds} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
+    s = args.seconds
+    out.append(f"- **S1** iperf3 `-t {s}` to an iperf3 server, 1 and 4 streams (`-P 4`), client→server and `-R`; Gbit/s received. iperf3's control connection goes through the balancer too.")
+    out.append(f"- **S2** `wrk -t1 -c50 -d{s}s -H \"Connection: close\"` and the same with `-t2`, against nginx `return 200 \"ok\\n\"`: a new TCP connection (through the balancer: two) per request; requests/s.")
+    out.append(f"- **S3** `wrk -t1 -c50 -d{s}s` and `-t2`, keep-alive against the same nginx; requests/s.")
+    out.append(f"- **S4** `latency_probe load`: {args.latency_rate} messages/s of 64 bytes over {args.latency_connections} connections to an echo server, for {s} s after a 0.5 s warm-up, each echo timed (from the intended send time when the connection was still busy: no coordinated omission); µs. In brackets: added latency, the target minus direct in the same round (median over rounds).")
     out.append(f"- **S5** `latency_probe hold`: {args.hold:,} connections opened through a fresh balancer to the echo server, each verified with a 4-byte echo, then held idle; (balancer RSS after − before) / {args.hold:,}, KiB per connection. HAProxy: sum over its processes. Kernel socket memory is not in RSS and not counted.")
     out.append("- **S6** balancer utime+stime (`/proc/PID/stat`, all threads) during the S1 1-stream client→server run, divided by the GB (10^9 bytes) iperf3 received. Direct: n/a.")
+    out.append(f"- **S7** `redis-benchmark -t get,set -c 50 -P 16 -n {redis_requests(args, 16):,}` and `-P 1 -n {redis_requests(args, 1):,}` (requests per test) against `redis-server` (no persistence) behind the target; requests/s of the GET and of the SET test, both reported (not their mean). Each run is bounded by its count and by a {max(30, 8 * s)} s timeout.")
+    out.append(f"- **CPU per connection / request**: balancer utime+stime (`/proc/PID/stat`, all threads) read just before and after each S2, S3 and S7 run, divided by the requests completed (wrk's count; with `Connection: close` one request is one connection; redis: both tests' requests); µs. Direct: n/a. The kernel counts this time in clock ticks of {1000 / CLK_TCK:.0f} ms, so a short run gives a coarse figure (a 2 s run at one core: 1 tick in 200).")
+    out.append(f"- **S8** the balancer's system calls, `strace -f -p PID` (every thread) during `wrk -t2 -c50 -d{args.syscall_seconds}s -H \"Connection: close\"` against nginx, divided by the connections the balancer accepted under the trace (successful accept4; the trace goes on 1 s after wrk stops, so that those wrk left open are traced to their close); for {args.syscall_targets}. `accept4 EAGAIN`: accept4 calls that failed with EAGAIN (strace prints each call's errno). Traced, the balancer runs far slower, so more work is waiting at each wake-up: the counts that depend on timing (epoll_wait, failed accept4 and reads) come out lower than untraced; those of accept4, connect, socket, close, shutdown, getsockopt do not.")
+    gate = (f"on: a measurement during which other processes used more than {args.gate_foreign_cpu} cores was redone, at most {args.gate_redos} times"
+            if args.gate_foreign_cpu is not None else "off (`--gate-foreign-cpu CORES` redoes a measurement during which other processes used more)")
+    out.append(f"- **Foreign load**: CPU that processes other than this script and its children used during each measurement (`/proc/stat` user+nice+system minus ours); gating {gate}.")
     out.append("")
-    out.append("Higher is better for S1–S3, lower for S4–S6.\n")
+    out.append("Higher is better for S1–S3 and S7, lower for the others. **Paired ratios**: for each figure, HAProxy's best variant is the one with the best median over the run; in every round, the ulb-tcp row ÷ that variant's value in the same round; the median of these per-round ratios with their min–max. The unpaired ratios (median ÷ median) are there too.\n")
 
-    def row(name, label=None, spread=False):
-        return "| " + " | ".join([label or name] + [res.cell(name, k, spread) for k, _, _ in COLUMNS]) + " |"
-
-    hdr = "| target | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    sep = "|---|" + "---:|" * len(COLUMNS)
-
-    out.append("## Summary (medians)\n")
-    out.append(hdr)
-    out.append(sep)
     present = {t.name for t in targets}
     main_names = [n for n in ["direct", "ulb-tcp"] + list(plain) if n in present]
-    for n in main_names:
-        out.append(row(n))
-    hap = []
-    for k, _, higher in COLUMNS:
-        v, who = res.best("HAProxy", k, higher)
-        if v is None:
-            anyfail = any(res.failed[t.name][k] for t in targets if t.group == "HAProxy")
-            hap.append("fail" if anyfail else "n/a")
-        else:
-            s = fmt(v, k)
-            if k.startswith("s4") and res.added[who][k]:
-                s += f" (+{fmt(statistics.median(res.added[who][k]), k)})"
-            hap.append(f"{s} ({who.replace('HAProxy ', '')})")
-    out.append("| HAProxy best | " + " | ".join(hap) + " |")
-    out.append("")
-    out.append("HAProxy best: the best median among its variants for each column, the variant in brackets "
-               "(`1t`/`2t` = `nbthread`, `splice` = `option splice-request` + `option splice-response`).\n")
+    ulb_names = [n for n in main_names if n != "direct"]
 
-    out.append("## Ratios\n")
-    out.append("Median over median; for S1–S3 above 1 means ulb-tcp is faster, for S4–S6 below 1 means it uses less.\n")
-    out.append(hdr)
-    out.append(sep)
-    for n in [n for n in main_names if n != "direct"]:
-        for ref_label, ref in (("direct", "direct"), ("HAProxy best", None)):
+    def tables(title, rows_fn, note=None):
+        out.append(f"## {title}\n")
+        if note:
+            out.append(note + "\n")
+        for tkey, ttitle in TABLES:
+            keys = [k for k, _, _, table in COLUMNS if table == tkey and res.has_data(k)]
+            if not keys:
+                continue
+            rows = [r for r in rows_fn(keys, tkey) if any(c not in ("n/a",) for c in r[1:])]
+            if not rows:
+                continue
+            out.append(f"### {ttitle}\n")
+            out.append("| target | " + " | ".join(COLUMN[k][0] for k in keys) + " |")
+            out.append("|---|" + "---:|" * len(keys))
+            for r in rows:
+                out.append("| " + " | ".join(r) + " |")
+            out.append("")
+
+    def summary_rows(keys, tkey):
+        if tkey == "sc":  # only the traced targets have these: show each of them, no "best" row
+            return [[t.name] + [res.cell(t.name, k) for k in keys] for t in targets]
+        rows = [[n] + [res.cell(n, k) for k in keys] for n in main_names]
+        hap = []
+        for k in keys:
+            v, who = res.best("HAProxy", k, COLUMN[k][1])
+            if v is None:
+                anyfail = any(res.failed[t.name][k] for t in targets if t.group == "HAProxy")
+                hap.append("fail" if anyfail else "n/a")
+            else:
+                c = fmt(v, k)
+                if k in ADDED and res.added(who, k):
+                    c += f" ({added_fmt(statistics.median(res.added(who, k)), k)})"
+                hap.append(f"{c} ({who.replace('HAProxy ', '')})")
+        return rows + [["HAProxy best"] + hap]
+
+    tables("Summary (medians)", summary_rows,
+           "HAProxy best: the best median among its variants for each column, the variant in brackets "
+           "(`1t`/`2t` = `nbthread`, `splice` = `option splice-request` + `option splice-response`).")
+
+    def ratio_rows(keys, tkey):
+        rows = []
+        for n in ulb_names:
+            for ref_label, ref in (("direct", "direct"), ("HAProxy best", None)):
+                cells = []
+                for k in keys:
+                    a = res.median(n, k)
+                    b = res.median(ref, k) if ref else res.best("HAProxy", k, COLUMN[k][1])[0]
+                    cells.append(ratio_fmt(a / b) if a is not None and b else "n/a")
+                rows.append([f"{n} ÷ {ref_label}"] + cells)
+        return rows
+
+    tables("Ratios (unpaired: median ÷ median)", ratio_rows,
+           "For rates above 1 means ulb-tcp is faster; for latency, memory, CPU and system calls below 1 means it uses less.")
+
+    def paired_rows(keys, tkey):
+        rows = [["HAProxy variant used"] + [(res.paired("ulb-tcp", k)[0] or "n/a").replace("HAProxy ", "") for k in keys]]
+        for n in ulb_names:
             cells = []
-            for k, _, higher in COLUMNS:
-                a = res.median(n, k)
-                b = res.median(ref, k) if ref else res.best("HAProxy", k, higher)[0]
-                cells.append(f"{a / b:.2f}×" if a is not None and b else "n/a")
-            out.append(f"| {n} ÷ {ref_label} | " + " | ".join(cells) + " |")
-    out.append("")
+            for k in keys:
+                _, ratios = res.paired(n, k)
+                if not ratios:
+                    cells.append("n/a")
+                    continue
+                c = ratio_fmt(statistics.median(ratios))
+                if len(ratios) > 1:
+                    c += f" [{ratio_fmt(min(ratios))}–{ratio_fmt(max(ratios))}]"
+                cells.append(c + f" n={len(ratios)}")
+            rows.append([f"{n} ÷ HAProxy best"] + cells)
+        return rows
 
-    out.append("## Every target, median [min–max over rounds]\n")
-    out.append(hdr)
-    out.append(sep)
-    for t in targets:
-        out.append(row(t.name, spread=True))
-    out.append("")
+    tables("Paired ratios: per round, ÷ HAProxy's best variant of the same round", paired_rows,
+           "Median of the per-round ratios [min–max], n = rounds in which both were measured. The variant is the "
+           "one with the best median over the run for that figure, used in every round.")
+
+    tables("Every target, median [min–max over rounds]",
+           lambda keys, tkey: [[t.name] + [res.cell(t.name, k, spread=True) for k in keys] for t in targets])
+
+    det = [(t.name, res.details[t.name]) for t in targets if res.details[t.name]]
+    if det:
+        out.append("## S8 details: every system call per connection\n")
+        out.append("Median over rounds of calls per connection accepted under the trace; failed calls by errno in "
+                   "brackets (per connection).\n")
+        for name, by_round in det:
+            names = sorted({c for d in by_round.values() for c in d["calls"]})
+            per = {}
+            for c in names:
+                per[c] = statistics.median(d["calls"].get(c, 0) / d["conns"] for d in by_round.values())
+            errs = {}
+            for d in by_round.values():
+                for (c, e), v in d["errors"].items():
+                    errs.setdefault((c, e), []).append(v / d["conns"])
+            parts = []
+            for c in sorted(names, key=lambda c: -per[c]):
+                e = ", ".join(f"{en} {statistics.median(v + [0] * (len(by_round) - len(v))):.2f}"
+                              for (cn, en), v in sorted(errs.items()) if cn == c)
+                parts.append(f"{c} {per[c]:.2f}" + (f" ({e})" if e else ""))
+            conns = ", ".join(f"{d['conns']:,}" for d in by_round.values())
+            out.append(f"- **{name}** (connections traced per round: {conns}): " + "; ".join(parts))
+        out.append("")
 
     out.append("## Failures and notes\n")
     if not res.failures and not res.notes:
@@ -864,6 +1212,9 @@ def machine_header(args, plain, sock_note):
         ("nginx", first_line([tool_path("nginx"), "-v"])),
         ("wrk", first_line([tool_path("wrk"), "-v"])),
         ("iperf3", first_line([tool_path("iperf3"), "--version"])),
+        ("redis", first_line([tool_path("redis-server"), "--version"]) + "; "
+         + first_line([tool_path("redis-benchmark"), "--version"])),
+        ("strace", first_line([tool_path("strace"), "-V"])),
         ("rustc", first_line(["rustc", "--version"])),
         ("open-file limit", f"{fd_limit():,} for every process started"
          + ("" if fd_limit() >= NOFILE else " (could not be raised further here)")
@@ -882,31 +1233,48 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="rounds, each running every scenario for every target (default 3)")
     ap.add_argument("--seconds", type=int, default=4, help="seconds per throughput/rate/latency measurement (default 4)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 1 round, 2 s, two HAProxy variants, 2,000 held connections, redis -n 200000 "
+                         "(-P 16) and 25000 (-P 1); S1-S3 and S7 take about 3 minutes on 2 idle cores")
     ap.add_argument("--out", help="write the Markdown report here (default: print only)")
     ap.add_argument("--hold", type=int, help="connections held for S5 (default 10000, fewer if the open-file limit cannot hold them)")
     ap.add_argument("--latency-rate", type=int, default=5000, help="S4 messages per second (default 5000)")
     ap.add_argument("--latency-connections", type=int, default=10, help="S4 connections (default 10)")
-    ap.add_argument("--only", help="comma-separated scenario prefixes to run, e.g. S1,S4 (default all)")
+    ap.add_argument("--only", "--scenarios", dest="only", metavar="LIST",
+                    help="comma-separated scenarios to run: name prefixes or, from 3 letters on, words in the name, "
+                         "e.g. 'S1,S4', 'S2,S3', 'redis', '-t1', 'syscalls' (default all)")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                     help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
                          "'1 thread=--threads 1'; repeatable")
     ap.add_argument("--skip", default="", metavar="NAMES",
                     help="comma-separated target names to leave out, e.g. 'ulb-tcp splice,HAProxy 1t' "
                          "(direct and ulb-tcp always run)")
+    ap.add_argument("--redis-n16", type=int, metavar="N", help="redis-benchmark -n with -P 16 (default 400000 × --seconds)")
+    ap.add_argument("--redis-n1", type=int, metavar="N", help="redis-benchmark -n with -P 1 (default 40000 × --seconds)")
+    ap.add_argument("--syscall-seconds", type=int, default=2, help="length of the traced wrk run of S8 (default 2)")
+    ap.add_argument("--syscall-targets", default="ulb-tcp,HAProxy 1t", metavar="NAMES",
+                    help="comma-separated targets S8 traces (default 'ulb-tcp,HAProxy 1t')")
+    ap.add_argument("--gate-foreign-cpu", type=float, metavar="CORES",
+                    help="redo a measurement during which processes other than ours used more than CORES cores "
+                         "(from /proc; e.g. 0.15; default off)")
+    ap.add_argument("--gate-redos", type=int, default=2, metavar="N",
+                    help="with --gate-foreign-cpu, redo one measurement at most N times (default 2), then keep it with a note")
     args = ap.parse_args()
     raise_nofile()
     # A balancer holding N connections needs 2 N descriptors (plus HAProxy's pipes): stay below the limit.
     fit = max(100, (fd_limit() - 1200) // 2 // 500 * 500)
     if args.quick:
         args.rounds, args.seconds = 1, 2
+        # Counts, not time, bound a redis-benchmark run: small ones keep --quick short on a loaded machine too.
+        args.redis_n16 = args.redis_n16 or 200_000
+        args.redis_n1 = args.redis_n1 or 25_000
     if args.hold is None:
         args.hold = min(2_000 if args.quick else 10_000, fit)
     elif args.hold > fit:
         log(f"--hold {args.hold} does not fit the open-file limit {fd_limit()}; holding {fit}")
         args.hold = fit
-    if args.rounds < 1 or args.seconds < 1 or args.hold < 1:
-        ap.error("--rounds, --seconds and --hold must be at least 1")
+    if args.rounds < 1 or args.seconds < 1 or args.hold < 1 or args.syscall_seconds < 1 or args.gate_redos < 0:
+        ap.error("--rounds, --seconds, --hold and --syscall-seconds must be at least 1, --gate-redos at least 0")
     started = time.monotonic()
     ensure_tools()
     sock_note = sockperf_note()
@@ -924,51 +1292,96 @@ def main():
         targets, plain = make_targets(bins, args.quick, args.variant, skip)
         header = machine_header(args, plain, sock_note)
         env = Env(tmp, procs, bins, args)
-        for kind in ("nginx", "iperf3", "echo"):
-            env.backend(kind)
         res = Results(targets)
         scens = scenarios(env)
         if args.only:
-            prefixes = [p.strip() for p in args.only.split(",") if p.strip()]
-            scens = [s for s in scens if any(s[0].startswith(p) for p in prefixes)]
-        log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios")
+            scens = select_scenarios(scens, args.only)
+            if not scens:
+                ap.error(f"--only {args.only!r} selects no scenario")
+        # Start only the backends the chosen scenarios use.
+        uses = {"S1": "iperf3", "S2": "nginx", "S3": "nginx", "S8": "nginx", "S4": "echo", "S5": "echo", "S7": "redis"}
+        for kind in sorted({uses[sc.name[:2]] for sc in scens}):
+            env.backend(kind)
+        log(f"targets: {', '.join(t.name for t in targets)}; {args.rounds} rounds × {len(scens)} scenarios "
+            f"({', '.join(sc.name for sc in scens)})")
+
+        def measure(rnd, sc, t):
+            """One measurement, redone while foreign load exceeds the gate, at most --gate-redos times; after the
+            last redo the attempt with the least foreign load is kept."""
+            tries = []  # (foreign cores, values)
+            while True:
+                before = cpu_snapshot()
+                vals = sc.fn(t)
+                tries.append((foreign_cores(before, cpu_snapshot()), vals))
+                gate = args.gate_foreign_cpu
+                if gate is None or tries[-1][0] <= gate or len(tries) > args.gate_redos:
+                    break
+                log(f"round {rnd} {sc.name} {t.name}: other processes used {tries[-1][0]:.2f} cores; redoing it")
+            if gate is None or tries[-1][0] <= gate:
+                kept = len(tries) - 1  # the one that passed
+            else:
+                kept = min(range(len(tries)), key=lambda i: tries[i][0])
+            foreign, vals = tries[kept]
+            if len(tries) > 1:
+                over = f", still over {gate} after {args.gate_redos} redos" if foreign > gate else ""
+                vals.setdefault("_notes", []).append(
+                    f"redone for foreign load: other processes used " + ", ".join(f"{c:.2f}" for c, _ in tries)
+                    + f" cores in the {len(tries)} attempts; kept attempt {kept + 1} ({foreign:.2f}{over})")
+            res.foreign.append((rnd, sc.name, t.name, foreign, len(tries) - 1))
+            return vals
+
+        spent = {}  # scenario family ("S1", ...) -> seconds
         try:
             for rnd in range(1, args.rounds + 1):
-                for scen, fn in scens:
-                    direct_lat = None
-                    for t in targets:
-                        try:
-                            vals = fn(t)
-                        except Failure as e:
-                            log(f"FAIL round {rnd} {scen} {t.name}: {e}")
-                            res.failures.append((rnd, scen, t.name, str(e)))
-                            for k in SCENARIO_KEYS[scen]:
-                                if not (k == "s6" and t.kind == "direct") and not (k == "s5" and t.kind == "direct"):
-                                    res.failed[t.name][k].append(rnd)
+                off = (rnd - 1) % len(targets)
+                order = targets[off:] + targets[:off]
+                log(f"round {rnd}: target order {', '.join(t.name for t in order)}")
+                for sc in scens:
+                    for t in order:
+                        if not sc.applies(t):
                             continue
-                        except Exception as e:  # a bug or an unexpected output: keep going with the others
-                            log(f"FAIL round {rnd} {scen} {t.name}: unexpected {type(e).__name__}: {e}")
-                            res.failures.append((rnd, scen, t.name, f"unexpected {type(e).__name__}: {e}"))
-                            for k in SCENARIO_KEYS[scen]:
+                        t0 = time.monotonic()
+                        try:
+                            vals = measure(rnd, sc, t)
+                        except Failure as e:
+                            spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
+                            log(f"FAIL round {rnd} {sc.name} {t.name}: {e}")
+                            res.failures.append((rnd, sc.name, t.name, str(e)))
+                            for k in sc.expected(t):
                                 res.failed[t.name][k].append(rnd)
                             continue
+                        except Exception as e:  # a bug or an unexpected output: keep going with the others
+                            spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
+                            log(f"FAIL round {rnd} {sc.name} {t.name}: unexpected {type(e).__name__}: {e}")
+                            res.failures.append((rnd, sc.name, t.name, f"unexpected {type(e).__name__}: {e}"))
+                            for k in sc.expected(t):
+                                res.failed[t.name][k].append(rnd)
+                            continue
+                        spent[sc.name[:2]] = spent.get(sc.name[:2], 0) + time.monotonic() - t0
                         for note in vals.pop("_notes", []):
-                            res.notes.append((rnd, scen, t.name, note))
+                            res.notes.append((rnd, sc.name, t.name, note))
+                        detail = vals.pop("_detail", None)
+                        if detail is not None:
+                            res.details[t.name][rnd] = detail
                         for k, v in vals.items():
                             if v is not None:
-                                res.values[t.name][k].append(v)
-                        if scen.startswith("S4"):
-                            if t.kind == "direct":
-                                direct_lat = vals
-                            elif direct_lat is not None:
-                                for k in ("s4_p50", "s4_p99", "s4_p999"):
-                                    res.added[t.name][k].append(vals[k] - direct_lat[k])
-                        shown = ", ".join(f"{k}={fmt(v, k)}" for k, v in vals.items())
-                        log(f"round {rnd} {scen} {t.name}: {shown or 'n/a'}")
+                                res.values[t.name][k][rnd] = v
+                        shown = ", ".join(f"{k}={fmt(v, k)}" for k, v in vals.items() if v is not None)
+                        log(f"round {rnd} {sc.name} {t.name}: {shown or 'n/a'} (foreign load {res.foreign[-1][3]:.2f} cores)")
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: reporting what was measured so far")
+        if spent:
+            header.append(("time per scenario", ", ".join(f"{k} {v:.0f} s" for k, v in sorted(spent.items()))
+                           + f" (all measurements {sum(spent.values()) / 60:.1f} min)"))
         header.append(("load average at end", " ".join(open("/proc/loadavg").read().split()[:3])))
+        if res.foreign:
+            cores = [f[3] for f in res.foreign]
+            redos = sum(f[4] for f in res.foreign)
+            header.append(("foreign load", f"other processes used {statistics.median(cores):.2f} cores (median over "
+                           f"{len(cores)} measurements), {max(cores):.2f} at most"
+                           + (f"; {redos} measurements redone (gate {args.gate_foreign_cpu} cores)"
+                              if args.gate_foreign_cpu is not None else "; gating off")))
         text = report(res, targets, plain, header, args, time.monotonic() - started)
         if interrupted:
             text = text.replace("## Machine and run", "**Interrupted: incomplete.**\n\n## Machine and run", 1)

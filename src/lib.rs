@@ -149,7 +149,9 @@ pub mod bench_support {
             .map(|(i, &w)| {
                 let port = 1 + (i % 65_000) as u16;
                 let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-                BackendConfig::new(addr).with_id(format!("b{i}")).with_weight(w)
+                BackendConfig::new(addr)
+                    .with_id(format!("b{i}"))
+                    .with_weight(w)
             })
             .collect()
     }
@@ -157,8 +159,14 @@ pub mod bench_support {
     impl Picker {
         /// Builds the registry and its first table.
         pub fn new(weights: &[u32], strategy: Strategy) -> Self {
-            let registry = Registry::new(strategy, 42, &configs(weights), CancellationToken::new());
-            let backends = registry.table().entries().to_vec();
+            let registry = Registry::new(
+                strategy,
+                42,
+                &configs(weights),
+                crate::health::Policy::default(),
+                CancellationToken::new(),
+            );
+            let backends = registry.table().entries().cloned().collect();
             Picker { registry, backends }
         }
 

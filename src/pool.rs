@@ -91,9 +91,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{
-    counter, gauge, histogram, Counter, Gauge, Histogram,
-};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::metrics::{

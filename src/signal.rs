@@ -26,3 +26,19 @@ pub async fn stop_signal() {
 pub async fn stop_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// Resolves on the first SIGINT or SIGTERM, after logging `draining`. A second signal later runs
+/// `force` (on a task of its own, so the caller's drain goes on meanwhile), after logging `forcing`.
+pub async fn stop_then_force(
+    draining: &'static str,
+    forcing: &'static str,
+    force: impl FnOnce() + Send + 'static,
+) {
+    stop_signal().await;
+    tracing::info!("{draining}");
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::warn!("{forcing}");
+        force();
+    });
+}

@@ -215,7 +215,11 @@ async fn no_strategy_picks_a_backend_that_is_down() {
         let dead = refusing_addr();
         let cfg = config(&[bs[0].addr, dead, bs[1].addr])
             .strategy(strategy)
-            .health(PassiveHealth::new(1, Duration::from_secs(60), Duration::from_secs(60)));
+            .health(PassiveHealth::new(
+                1,
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+            ));
         let lb = Running::start(cfg).await;
         for i in 0..100 {
             let (tag, _s) = lb.tag().await;
@@ -479,7 +483,11 @@ async fn all_backends_down_closes_clients_within_the_connect_budget_and_recovers
     let dead = [refusing_addr(), refusing_addr()];
     let cfg = config(&dead)
         .connect_timeout(Duration::from_millis(500))
-        .health(PassiveHealth::new(1, Duration::from_millis(300), Duration::from_millis(300)));
+        .health(PassiveHealth::new(
+            1,
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+        ));
     let lb = Running::start(cfg).await;
     let budget = Duration::from_millis(500 * 3) + Duration::from_millis(500);
     for _ in 0..20 {
@@ -542,7 +550,11 @@ async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
     let good = Backend::echo().await;
     let cfg = config(&[hole_addr, good.addr])
         .connect_timeout(Duration::from_millis(200))
-        .health(PassiveHealth::new(2, Duration::from_secs(5), Duration::from_secs(60)));
+        .health(PassiveHealth::new(
+            2,
+            Duration::from_secs(5),
+            Duration::from_secs(60),
+        ));
     let lb = Running::start(cfg).await;
     for i in 0..20u64 {
         let data = Arc::new(pattern(i, 5000));

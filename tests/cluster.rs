@@ -319,7 +319,9 @@ async fn workers_get_their_identity_and_all_take_connections() {
     assert_eq!(seen, BTreeSet::from([0, 1, 2]));
     let b = handle.balancer().unwrap();
     assert!(
-        b.backends().iter().all(|b| b.admin == ulb_tcp::AdminState::Ready && b.total >= 5),
+        b.backends()
+            .iter()
+            .all(|b| b.admin == ulb_tcp::AdminState::Ready && b.total >= 5),
         "{:?}",
         b.backends()
     );

@@ -14,9 +14,16 @@ pub(crate) struct ActiveGuard {
 }
 
 impl ActiveGuard {
+    /// Counts a connection on `backend`, whatever its cap or trial state.
     pub(crate) fn new(backend: Arc<Backend>) -> Self {
         backend.acquire();
         ActiveGuard { backend }
+    }
+
+    /// Counts a connection on the backend a table just picked, if it takes it (see
+    /// [`Backend::claim`]): `None` when a trial connection is already under way, or its cap is reached.
+    pub(crate) fn claim(backend: Arc<Backend>) -> Option<Self> {
+        backend.claim().then_some(ActiveGuard { backend })
     }
 
     /// Counts the connection in the backend's totals, once its connect has succeeded.

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::events::{BackendEvent, BackendEvents, EventSender};
@@ -18,6 +19,7 @@ use super::stats::BackendStats;
 use super::{AdminState, Backend, BackendId};
 use crate::balance::{Candidate, Picks, Strategy, Table};
 use crate::config::{BackendConfig, ConfigError, MAX_DURATION};
+use crate::health::Policy;
 
 /// Why a change to the backends was refused. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +97,10 @@ pub(crate) struct Registry {
     events: EventSender,
     /// The balancer's hard stop: every backend's cut token is a child of it.
     stop: CancellationToken,
+    /// What every backend follows (health, slow start).
+    policy: Arc<Policy>,
+    /// Woken, one waiter at a time, when a backend at its cap frees a slot.
+    freed: Arc<Notify>,
 }
 
 impl Registry {
@@ -103,24 +109,59 @@ impl Registry {
         strategy: Strategy,
         seed: u64,
         backends: &[BackendConfig],
+        policy: Policy,
         stop: CancellationToken,
     ) -> Self {
-        let events = EventSender::new();
+        let mut registry = Registry {
+            strategy,
+            table: ArcSwap::from_pointee(Table::new(strategy, Vec::new(), None)),
+            picks: Picks::new(seed),
+            members: Mutex::new(Members::default()),
+            events: EventSender::new(),
+            stop,
+            policy: Arc::new(policy),
+            freed: Arc::new(Notify::new()),
+        };
         let list: Vec<Arc<Backend>> = backends
             .iter()
-            .map(|c| Arc::new(new_backend(c, &stop, &events)))
+            .map(|c| Arc::new(registry.new_backend(c, false)))
             .collect();
-        let table = Table::new(strategy, list.clone(), None);
-        Registry {
-            strategy,
-            table: ArcSwap::from_pointee(table),
-            picks: Picks::new(seed),
-            members: Mutex::new(Members {
-                list,
-                leaving: Vec::new(),
-            }),
-            events,
-            stop,
+        registry.table = ArcSwap::from_pointee(Table::new(strategy, list.clone(), None));
+        registry.members = Mutex::new(Members {
+            list,
+            leaving: Vec::new(),
+        });
+        registry
+    }
+
+    fn new_backend(&self, config: &BackendConfig, joining: bool) -> Backend {
+        Backend::new(
+            config,
+            self.policy.clone(),
+            joining,
+            &self.stop,
+            self.events.clone(),
+            self.freed.clone(),
+        )
+    }
+
+    /// Woken when a backend at its cap frees a slot.
+    pub(crate) fn freed(&self) -> &Notify {
+        &self.freed
+    }
+
+    /// True when a backend that could be picked but for its cap is full: a client that found no backend
+    /// may wait for a slot.
+    pub(crate) fn has_full_backend(&self) -> bool {
+        self.table.load().entries().any(|b| b.is_full())
+    }
+
+    /// Upkeep, called a few times a second by the server: while a backend ramps up (slow start), the
+    /// table is rebuilt, so that the schedules and the least-connections tree follow its weight.
+    pub(crate) fn maintain(&self) {
+        let members = self.members();
+        if members.list.iter().any(|b| b.is_ramping()) {
+            self.publish(&members);
         }
     }
 
@@ -185,7 +226,7 @@ impl Registry {
         if members.position(&config.id).is_some() {
             return Err(BackendError::Duplicate(config.id.clone()));
         }
-        let backend = Arc::new(new_backend(config, &self.stop, &self.events));
+        let backend = Arc::new(self.new_backend(config, true));
         members.list.push(backend);
         members.prune();
         self.publish(&members);
@@ -209,6 +250,8 @@ impl Registry {
     /// Marks a member removed and keeps it among the leaving ones until it has drained.
     fn retire(&self, members: &mut Members, backend: Arc<Backend>) {
         backend.mark_removed();
+        // It is in no table from now on: its guards need not keep any tree up to date.
+        backend.load_slot().set(None);
         tracing::info!(backend = %backend.who(), active = backend.active(), "backend removed; draining");
         self.events.send(BackendEvent::Removed {
             id: backend.id().clone(),
@@ -224,7 +267,11 @@ impl Registry {
 
     /// Waits until the removed `backends` have no connection left, resetting those still open at
     /// `deadline` (capped at [`MAX_DURATION`]), then forgets them.
-    pub(crate) async fn drain(&self, backends: Vec<Arc<Backend>>, deadline: Duration) -> DrainReport {
+    pub(crate) async fn drain(
+        &self,
+        backends: Vec<Arc<Backend>>,
+        deadline: Duration,
+    ) -> DrainReport {
         let started = Instant::now();
         let until = tokio::time::Instant::now() + deadline.min(MAX_DURATION);
         let mut on_time = true;
@@ -319,7 +366,13 @@ impl Registry {
                 Some(b) => {
                     let weight = b.set_weight(config.weight);
                     let addr = b.set_addr(config.addr);
-                    let same = weight == config.weight && addr == config.addr;
+                    let backup = b.set_backup(config.backup);
+                    let cap = b.cap();
+                    b.set_cap(config.max_connections);
+                    let same = weight == config.weight
+                        && addr == config.addr
+                        && backup == config.backup
+                        && cap == config.max_connections;
                     let into = if same {
                         &mut report.unchanged
                     } else {
@@ -331,7 +384,7 @@ impl Registry {
                 None => {
                     report.added.push(BackendId::from(config.id.as_str()));
                     added.push(config);
-                    Arc::new(new_backend(config, &self.stop, &self.events))
+                    Arc::new(self.new_backend(config, true))
                 }
             };
             members.list.push(backend);
@@ -362,14 +415,4 @@ impl Registry {
             weight: config.weight,
         });
     }
-}
-
-fn new_backend(config: &BackendConfig, stop: &CancellationToken, events: &EventSender) -> Backend {
-    Backend::new(
-        config.id.as_str().into(),
-        config.addr,
-        config.weight,
-        stop,
-        events.clone(),
-    )
 }

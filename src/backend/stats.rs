@@ -7,7 +7,7 @@ use super::AdminState;
 
 /// A point-in-time view of one backend, as returned by
 /// [`BalancerHandle::backends`](crate::BalancerHandle::backends).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct BackendStats {
     /// The backend's id within its service.
@@ -16,12 +16,21 @@ pub struct BackendStats {
     pub addr: SocketAddr,
     /// The configured weight.
     pub weight: u32,
-    /// The weight the strategies use now.
-    pub effective_weight: u32,
+    /// The weight the strategies use now: the configured one, or less while slow start ramps it up.
+    pub effective_weight: f64,
     /// Ready, drain or maint.
     pub admin: AdminState,
     /// True once it has been removed and is draining its last connections.
     pub removing: bool,
+    /// True for a backup, used only while no primary may be picked.
+    pub backup: bool,
+    /// Its cap on connections at once, if any.
+    pub max_connections: Option<u32>,
+    /// How long its health has been what it is (`up`).
+    pub health_for: Duration,
+    /// The last verdict on its health, in words (`connect: refused`, `http: status 503`, ...); empty
+    /// before any.
+    pub health_reason: String,
     /// Connections open to it now (including connects in progress).
     pub active: usize,
     /// Connections it has been given (successful connects) since it was added.

@@ -257,6 +257,9 @@ impl LoadSlot {
 
     /// Points the slot at a new tree's leaf (or at none).
     pub(crate) fn set(&self, link: Option<Arc<LoadLink>>) {
+        if link.is_none() && !self.linked.load(Relaxed) {
+            return; // a table without a tree over a backend that had none: nothing to store
+        }
         self.linked.store(link.is_some(), Relaxed);
         self.link.store(link);
     }
@@ -834,9 +837,7 @@ mod tests {
     fn concurrent_updates_are_made_exact_by_one_sweep() {
         let bs = backends((0..300).map(|i| 1 + (i % 2) as u32));
         let tree = LoadTree::attach(&bs).unwrap();
-        let held: Vec<_> = (0..150)
-            .map(|i| Held::new(bs[i * 2].clone()))
-            .collect();
+        let held: Vec<_> = (0..150).map(|i| Held::new(bs[i * 2].clone())).collect();
         std::thread::scope(|s| {
             for seed in 0..4u64 {
                 let (bs, tree) = (&bs, &tree);

@@ -21,4 +21,4 @@ mod testing;
 pub use strategy::{Strategy, UnknownStrategy};
 
 pub(crate) use load_tree::LoadSlot;
-pub(crate) use table::{Candidate, Picks, Table};
+pub(crate) use table::{Candidate, Picks, Table, FULL_ADMISSION};

@@ -39,7 +39,17 @@ pub(crate) trait Candidate {
     fn last_pick(&self) -> &AtomicU64;
     /// Its link to the least-connections tree of the table in force.
     fn load_slot(&self) -> &LoadSlot;
+    /// How much of its share it may take now, in [`FULL_ADMISSION`] units: all of it, or a growing part
+    /// while it ramps up (slow start). A pick that lands on it keeps it with this probability, so the ramp
+    /// works alike for every strategy, even on an idle backend that least connections would otherwise
+    /// send everything to.
+    fn admission(&self) -> u32;
+    /// True for a backup: used only while no primary may be picked.
+    fn is_backup(&self) -> bool;
 }
+
+/// An admission of `1 << 16`: the whole share.
+pub(crate) const FULL_ADMISSION: u32 = 1 << 16;
 
 /// State the picks share across every table of one service: the generator of the random strategies, and
 /// the sequence of least-connections picks.
@@ -58,9 +68,17 @@ impl Picks {
     }
 }
 
-/// An immutable snapshot of the backends in rotation and their smooth schedule.
+/// An immutable snapshot of a service's backends: the primaries, and the backups used only while no
+/// primary may be picked.
 #[derive(Debug)]
 pub(crate) struct Table<B> {
+    primary: Pool<B>,
+    backup: Pool<B>,
+}
+
+/// One set of backends with its smooth schedule, cursor and least-connections tree.
+#[derive(Debug)]
+struct Pool<B> {
     strategy: Strategy,
     entries: Box<[Arc<B>]>,
     schedule: Box<[u32]>,
@@ -84,9 +102,55 @@ const RANDOM_REDRAWS: usize = 8;
 
 impl<B: Candidate> Table<B> {
     /// Builds the snapshot of `entries` (in this order) for `strategy`, weighted by their effective
-    /// weights. With `previous`, the table it replaces: round robin goes on from where that one stood.
-    /// A least-connections table points every entry's [`LoadSlot`] at its own tree (or at none).
-    pub(crate) fn new(strategy: Strategy, entries: Vec<Arc<B>>, previous: Option<&Table<B>>) -> Self {
+    /// weights, the backups apart. With `previous`, the table it replaces: round robin goes on from where
+    /// that one stood. A least-connections table points every entry's [`LoadSlot`] at its own tree (or
+    /// at none).
+    pub(crate) fn new(
+        strategy: Strategy,
+        entries: Vec<Arc<B>>,
+        previous: Option<&Table<B>>,
+    ) -> Self {
+        let (backup, primary): (Vec<_>, Vec<_>) = entries.into_iter().partition(|b| b.is_backup());
+        Table {
+            primary: Pool::new(strategy, primary, previous.map(|p| &p.primary)),
+            backup: Pool::new(strategy, backup, previous.map(|p| &p.backup)),
+        }
+    }
+
+    /// The backends, primaries first, in rotation order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Arc<B>> {
+        self.primary
+            .entries
+            .iter()
+            .chain(self.backup.entries.iter())
+    }
+
+    /// To be called after a backend came back into rotation without a rebuild: the trees look again at
+    /// the backends they hold as down.
+    pub(crate) fn availability_changed(&self) {
+        self.primary.availability_changed();
+        self.backup.availability_changed();
+    }
+
+    /// Picks a backend that is available and not in `tried`: a primary, or a backup when no primary may
+    /// be picked; `None` when there is none.
+    #[inline]
+    pub(crate) fn pick(&self, picks: &Picks, tried: &[Arc<B>]) -> Option<&Arc<B>> {
+        match self.primary.pick(picks, tried) {
+            Some(b) => Some(b),
+            None if self.backup.entries.is_empty() => None,
+            None => self.backup.pick(picks, tried),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn has_tree(&self) -> bool {
+        self.primary.tree.is_some()
+    }
+}
+
+impl<B: Candidate> Pool<B> {
+    fn new(strategy: Strategy, entries: Vec<Arc<B>>, previous: Option<&Pool<B>>) -> Self {
         let weights: Vec<u32> = entries.iter().map(|b| b.weight().max(1)).collect();
         let schedule = smooth_schedule(&weights).into_boxed_slice();
         let tree = match strategy {
@@ -101,7 +165,7 @@ impl<B: Candidate> Table<B> {
             }
         }
         let cursor = previous.map_or(0, |p| p.cursor_for(&entries, &schedule));
-        Table {
+        Pool {
             strategy,
             entries: entries.into_boxed_slice(),
             schedule,
@@ -110,14 +174,7 @@ impl<B: Candidate> Table<B> {
         }
     }
 
-    /// The backends, in rotation order.
-    pub(crate) fn entries(&self) -> &[Arc<B>] {
-        &self.entries
-    }
-
-    /// To be called after a backend came back into rotation without a rebuild: the tree looks again at
-    /// the backends it holds as down.
-    pub(crate) fn availability_changed(&self) {
+    fn availability_changed(&self) {
         if let Some(tree) = &self.tree {
             tree.recheck();
         }
@@ -142,9 +199,8 @@ impl<B: Candidate> Table<B> {
             .map_or(at, |slot| slot + 1)
     }
 
-    /// Picks a backend that is available and not in `tried`; `None` when there is none.
     #[inline]
-    pub(crate) fn pick(&self, picks: &Picks, tried: &[Arc<B>]) -> Option<&Arc<B>> {
+    fn pick(&self, picks: &Picks, tried: &[Arc<B>]) -> Option<&Arc<B>> {
         let backends = &self.entries;
         let schedule = &self.schedule;
         match backends.len() {
@@ -172,10 +228,10 @@ impl<B: Candidate> Table<B> {
                 let from_tree = self
                     .tree
                     .as_ref()
-                    .and_then(|tree| least_loaded_in_tree(tree, backends, tried));
+                    .and_then(|tree| least_loaded_in_tree(tree, backends, tried, &picks.rng));
                 from_tree.or_else(|| {
                     let seq = picks.seq.fetch_add(1, Relaxed) + 1;
-                    let best = least_loaded(backends, ok);
+                    let best = least_loaded(backends, |b| ok(b) && admitted(&**b, &picks.rng));
                     if let Some(b) = best {
                         b.last_pick().store(seq, Relaxed);
                     }
@@ -183,11 +239,6 @@ impl<B: Candidate> Table<B> {
                 })
             }
         }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn has_tree(&self) -> bool {
-        self.tree.is_some()
     }
 }
 
@@ -239,9 +290,20 @@ fn pick_p2c<'t, B: Candidate>(
     }
 }
 
+/// Available, and not tried by this connection.
 #[inline]
 fn usable<B: Candidate>(b: &Arc<B>, tried: &[Arc<B>]) -> bool {
     b.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, b))
+}
+
+/// Keeps a pick of `b` with probability `b.admission()` (always, when it is not ramping up). Least
+/// connections needs it on top of the effective weight: an idle backend has the least load whatever its
+/// weight, and would take every connection while it ramps up. The schedule-based strategies get the
+/// ramp from the weights in the schedule alone.
+#[inline]
+fn admitted<B: Candidate>(b: &B, rng: &AtomicRng) -> bool {
+    let admission = b.admission();
+    admission >= FULL_ADMISSION || ((rng.next_u64() >> 48) as u32) < admission
 }
 
 /// Draws slots with `draw` until one holds a usable backend (at most `tries` draws), then walks on from the
@@ -306,6 +368,7 @@ fn least_loaded_in_tree<'t, B: Candidate>(
     tree: &Arc<LoadTree>,
     backends: &'t [Arc<B>],
     tried: &[Arc<B>],
+    rng: &AtomicRng,
 ) -> Option<&'t Arc<B>> {
     let count = tree_picks();
     tree.maintain(count, backends);
@@ -334,8 +397,15 @@ fn least_loaded_in_tree<'t, B: Candidate>(
         if tree.sync_leaf(i, b.active()) {
             continue;
         }
+        // A backend ramping up that its ramp does not admit this time is walked around.
+        if !admitted(&**b, rng) {
+            if !excluded.push(leaf) {
+                return None;
+            }
+            continue;
+        }
         // Tried backends were walked around; one that was not in the tree is left to the scan.
-        return usable(b, tried).then_some(b);
+        return (!tried.iter().any(|t| Arc::ptr_eq(t, b))).then_some(b);
     }
     None
 }
@@ -573,7 +643,8 @@ mod tests {
                 .map(|_| bs[rng.below(300)].clone())
                 .collect();
             let b = sel.pick(&tried).unwrap();
-            let ok = |c: &Arc<TestBackend>| usable(c, &tried);
+            let ok =
+                |c: &Arc<TestBackend>| c.is_available() && !tried.iter().any(|t| Arc::ptr_eq(t, c));
             assert!(ok(&b), "step {step}: picked an unusable backend");
             let best = bs.iter().filter(|c| ok(c)).all(|c| no_more_loaded(&b, c));
             assert!(
@@ -658,7 +729,9 @@ mod tests {
     fn round_robin_keeps_its_position_through_a_rebuild() {
         let bs = backends(&[1, 1, 1]);
         let sel = Sel::new(Strategy::RoundRobin, &bs, 1);
-        let first: Vec<usize> = (0..2).map(|_| index_of(&bs, &sel.pick(&[]).unwrap())).collect();
+        let first: Vec<usize> = (0..2)
+            .map(|_| index_of(&bs, &sel.pick(&[]).unwrap()))
+            .collect();
         assert_eq!(first, [0, 1]);
         // A fourth backend joins: the rotation goes on with the third, not back to the first.
         let mut more = bs.clone();
@@ -695,5 +768,58 @@ mod tests {
             .map(|i| Held::new(bs[i].clone()))
             .collect();
         assert_eq!(index_of(&bs, &second.pick(&[]).unwrap()), 3);
+    }
+
+    /// Backups take picks only while no primary may be picked, with every strategy.
+    #[test]
+    fn backups_only_while_no_primary_is_available() {
+        for strategy in Strategy::ALL {
+            let mut bs = backends(&[1, 1]);
+            let backup = crate::balance::testing::backup(1);
+            bs.push(backup.clone());
+            let sel = Sel::new(strategy, &bs, 3);
+            for _ in 0..50 {
+                assert!(!Arc::ptr_eq(&sel.pick(&[]).unwrap(), &backup), "{strategy}");
+            }
+            bs[0].down_for_ms(60_000);
+            assert!(Arc::ptr_eq(&sel.pick(&[]).unwrap(), &bs[1]), "{strategy}");
+            // The last primary tried by this connection: the backup.
+            assert!(
+                Arc::ptr_eq(&sel.pick(&[bs[1].clone()]).unwrap(), &backup),
+                "{strategy}"
+            );
+            bs[1].set_out(true);
+            assert!(Arc::ptr_eq(&sel.pick(&[]).unwrap(), &backup), "{strategy}");
+            backup.set_out(true);
+            assert!(sel.pick(&[]).is_none(), "{strategy}");
+        }
+    }
+
+    /// A backend admitted a tenth of the time takes about a tenth of its share, with every strategy,
+    /// least connections on an idle backend included.
+    #[test]
+    fn a_ramping_backend_takes_its_admitted_part_of_its_share() {
+        for strategy in Strategy::ALL {
+            // Weights in sixteenths, as the backends' effective weights are.
+            let bs = backends(&[16; 20]);
+            bs[7].set_admission(FULL_ADMISSION / 10);
+            let sel = Sel::new(strategy, &bs, 17);
+            let mut held = Vec::new();
+            let mut seven = 0;
+            for _ in 0..20_000 {
+                let b = sel.pick(&[]).unwrap();
+                seven += usize::from(Arc::ptr_eq(&b, &bs[7]));
+                // Least connections: hold a while, so that loads stay level and the ramp decides.
+                held.push(Held::new(b));
+                if held.len() > 100 {
+                    held.remove(0);
+                }
+            }
+            // The fair share is 1,000 of 20,000; a tenth of it is 100.
+            assert!(
+                (40..=250).contains(&seven),
+                "{strategy}: {seven} picks of the ramping backend"
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! A stand-in for the live backend state, for the unit tests of this folder: the strategies and the load
 //! tree see a backend only through [`Candidate`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use super::load_tree::LoadSlot;
@@ -17,11 +17,16 @@ pub(crate) struct TestBackend {
     out: AtomicBool,
     last_pick: AtomicU64,
     slot: LoadSlot,
+    admission: AtomicU32,
+    pub(crate) backup: bool,
 }
 
 impl TestBackend {
     pub(crate) fn set_out(&self, out: bool) {
         self.out.store(out, Relaxed);
+    }
+    pub(crate) fn set_admission(&self, admission: u32) {
+        self.admission.store(admission, Relaxed);
     }
     pub(crate) fn down_for_ms(&self, ms: u64) {
         self.down_until.store(now_ms() + ms, Relaxed);
@@ -32,8 +37,10 @@ impl Candidate for TestBackend {
     fn active(&self) -> usize {
         self.active.load(Relaxed)
     }
+    /// As the real backend's: the weight, times its admission while it ramps up.
     fn weight(&self) -> u32 {
-        self.weight
+        let admission = self.admission.load(Relaxed);
+        (((u64::from(self.weight) * u64::from(admission)) >> 16) as u32).max(1)
     }
     fn is_available(&self) -> bool {
         let until = self.down_until.load(Relaxed);
@@ -52,6 +59,12 @@ impl Candidate for TestBackend {
     fn load_slot(&self) -> &LoadSlot {
         &self.slot
     }
+    fn admission(&self) -> u32 {
+        self.admission.load(Relaxed)
+    }
+    fn is_backup(&self) -> bool {
+        self.backup
+    }
 }
 
 /// Backends of these weights.
@@ -61,10 +74,21 @@ pub(crate) fn backends(weights: impl IntoIterator<Item = u32>) -> Vec<Arc<TestBa
         .map(|weight| {
             Arc::new(TestBackend {
                 weight,
+                admission: AtomicU32::new(super::table::FULL_ADMISSION),
                 ..TestBackend::default()
             })
         })
         .collect()
+}
+
+/// A backup of this weight.
+pub(crate) fn backup(weight: u32) -> Arc<TestBackend> {
+    Arc::new(TestBackend {
+        weight,
+        admission: AtomicU32::new(super::table::FULL_ADMISSION),
+        backup: true,
+        ..TestBackend::default()
+    })
 }
 
 /// One connection held on a backend, as the real guard holds it.

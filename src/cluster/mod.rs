@@ -293,9 +293,21 @@ impl ClusterConfig {
         let durations = [
             ("drain timeout", self.drain_timeout, Duration::ZERO),
             ("kill timeout", self.kill_timeout, Duration::ZERO),
-            ("ready poll interval", self.ready_poll_interval, Duration::from_millis(1)),
-            ("ready timeout", self.ready_timeout, Duration::from_millis(1)),
-            ("restart initial back-off", r.initial_backoff, Duration::ZERO),
+            (
+                "ready poll interval",
+                self.ready_poll_interval,
+                Duration::from_millis(1),
+            ),
+            (
+                "ready timeout",
+                self.ready_timeout,
+                Duration::from_millis(1),
+            ),
+            (
+                "restart initial back-off",
+                r.initial_backoff,
+                Duration::ZERO,
+            ),
             ("restart max back-off", r.max_backoff, Duration::ZERO),
             ("restart reset-after", r.reset_after, Duration::ZERO),
             ("restart window", r.window, Duration::ZERO),

@@ -130,13 +130,12 @@ pub(super) const KILL: i32 = libc::SIGKILL;
 
 /// Resolves on the first SIGINT or SIGTERM; a second one forces the shutdown.
 pub(super) async fn stop_signal(handle: ClusterHandle) {
-    crate::signal::stop_signal().await;
-    tracing::info!("shutdown signal received; draining, then stopping the workers (send it again to kill them at once)");
-    tokio::spawn(async move {
-        crate::signal::stop_signal().await;
-        tracing::warn!("second signal; killing the workers at once");
-        handle.force_shutdown();
-    });
+    crate::signal::stop_then_force(
+        "shutdown signal received; draining, then stopping the workers (send it again to kill them at once)",
+        "second signal; killing the workers at once",
+        move || handle.force_shutdown(),
+    )
+    .await;
 }
 
 /// Runs a rolling restart on each SIGHUP (signals arriving during one are folded into the next).

@@ -17,16 +17,36 @@ pub struct BackendConfig {
     pub addr: SocketAddr,
     /// Relative share of connections, 1..=256.
     pub weight: u32,
+    /// A backup takes connections only while no primary may (every primary down, out of rotation, at
+    /// its cap, or already tried by the client), as HAProxy's `backup`.
+    pub backup: bool,
+    /// At most this many connections at once (HAProxy's `maxconn`); when every backend that may be
+    /// picked is at its cap, clients wait in the service's queue.
+    pub max_connections: Option<u32>,
 }
 
 impl BackendConfig {
-    /// A backend of weight 1 whose id is its address.
+    /// A primary backend of weight 1, with no cap, whose id is its address.
     pub fn new(addr: SocketAddr) -> Self {
         BackendConfig {
             id: addr.to_string(),
             addr,
             weight: 1,
+            backup: false,
+            max_connections: None,
         }
+    }
+
+    /// The same backend as a backup, or a primary.
+    pub fn with_backup(mut self, backup: bool) -> Self {
+        self.backup = backup;
+        self
+    }
+
+    /// The same backend with a cap on connections at once.
+    pub fn with_max_connections(mut self, cap: u32) -> Self {
+        self.max_connections = Some(cap);
+        self
     }
 
     /// The same backend with another weight.
@@ -43,14 +63,25 @@ impl BackendConfig {
 
     /// Checks the id and the weight.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.chars().any(char::is_control) {
+        if self.id.is_empty() || self.id.len() > MAX_ID_LEN || self.id.chars().any(char::is_control)
+        {
             return Err(ConfigError::out_of_range(
                 "backend id",
                 format!("'{}'", self.id.escape_debug()),
                 format!("1 to {MAX_ID_LEN} characters, none of them control characters"),
             ));
         }
-        check_weight(&self.id, self.weight)
+        check_weight(&self.id, self.weight)?;
+        if let Some(cap) = self.max_connections {
+            if cap == 0 || cap as usize > super::MAX_CONNECTIONS {
+                return Err(ConfigError::out_of_range(
+                    format!("backend '{}' max_connections", self.id),
+                    cap,
+                    format!("1..={}", super::MAX_CONNECTIONS),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -134,11 +165,9 @@ impl BackendSpec {
                     .ok_or_else(|| unresolvable("no addresses".into()))?,
             }
         };
-        Ok(BackendConfig {
-            id: self.host_port.clone(),
-            addr,
-            weight: self.weight,
-        })
+        Ok(BackendConfig::new(addr)
+            .with_id(self.host_port.clone())
+            .with_weight(self.weight))
     }
 }
 

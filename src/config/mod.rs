@@ -14,8 +14,8 @@ mod error;
 use std::collections::HashSet;
 use std::time::Duration;
 
-pub use crate::health::PassiveHealth;
 use crate::balance::Strategy;
+pub use crate::health::{OnDown, PassiveHealth};
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
 pub use error::ConfigError;
 
@@ -168,6 +168,16 @@ pub struct BalancerConfig {
     pub replay_limit: usize,
     /// Seed for the random and p2c strategies; `None` takes one from the OS.
     pub seed: Option<u64>,
+    /// A backend that joins, or comes back up, ramps its effective weight from near 0 to full over this
+    /// long, with every strategy (default 0: off).
+    pub slow_start: Duration,
+    /// What happens to the connections open on a backend when it is marked down (default: they are kept).
+    pub on_down: OnDown,
+    /// Clients that find every backend that may be picked at its cap ([`BackendConfig::max_connections`])
+    /// wait in a FIFO of at most this many (default 10,000); past it they are closed.
+    pub max_queue: usize,
+    /// How long a client may wait in that queue before it is closed (default 5 s).
+    pub queue_timeout: Duration,
 }
 
 impl BalancerConfig {
@@ -187,6 +197,10 @@ impl BalancerConfig {
             copy_mode: CopyMode::Auto,
             replay_limit: 0,
             seed: None,
+            slow_start: Duration::ZERO,
+            on_down: OnDown::Keep,
+            max_queue: 10_000,
+            queue_timeout: Duration::from_secs(5),
         }
     }
 
@@ -251,6 +265,22 @@ impl BalancerConfig {
         self.seed = Some(seed);
         self
     }
+    /// Sets the slow-start window (zero turns it off).
+    pub fn slow_start(mut self, window: Duration) -> Self {
+        self.slow_start = window;
+        self
+    }
+    /// Sets what a backend marked down means for its open connections.
+    pub fn on_down(mut self, on_down: OnDown) -> Self {
+        self.on_down = on_down;
+        self
+    }
+    /// Sets the queue's bound and timeout for clients that find every backend at its cap.
+    pub fn queue(mut self, max_queue: usize, timeout: Duration) -> Self {
+        self.max_queue = max_queue;
+        self.queue_timeout = timeout;
+        self
+    }
 
     /// Checks every value against its documented range; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -278,6 +308,15 @@ impl BalancerConfig {
         check_duration("drain_timeout", self.drain_timeout, Duration::ZERO)?;
         check_duration("health.backoff", self.health.backoff, ms)?;
         check_duration("health.max_backoff", self.health.max_backoff, ms)?;
+        check_duration("slow_start", self.slow_start, Duration::ZERO)?;
+        check_duration("queue_timeout", self.queue_timeout, ms)?;
+        if self.max_queue > MAX_CONNECTIONS {
+            return Err(ConfigError::out_of_range(
+                "max_queue",
+                self.max_queue,
+                format!("0..={MAX_CONNECTIONS}"),
+            ));
+        }
         if !(1..=MAX_CONNECT_ATTEMPTS).contains(&self.connect_attempts) {
             return Err(ConfigError::out_of_range(
                 "connect_attempts",
@@ -353,7 +392,11 @@ mod tests {
             .connect_timeout(Duration::ZERO)
             .validate()
             .unwrap_err();
-        assert!(err.to_string().starts_with("connect_timeout 0ns is out of range"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("connect_timeout 0ns is out of range"),
+            "{err}"
+        );
         let replay = BalancerConfig::new([b.clone()]).replay_limit(64 << 10);
         assert!(replay.clone().validate().is_ok());
         let err = replay.clone().copy_mode(CopyMode::Plain).validate();
@@ -392,7 +435,10 @@ mod tests {
         ];
         for c in configs {
             let err = c.validate().unwrap_err().to_string();
-            assert!(err.contains("out of range (") && err.contains("24 days"), "{err}");
+            assert!(
+                err.contains("out of range (") && err.contains("24 days"),
+                "{err}"
+            );
         }
         let at_max = BalancerConfig::new([b])
             .idle_timeout(MAX_DURATION)

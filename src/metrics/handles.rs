@@ -5,10 +5,11 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use super::{
-    ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_UP, BACKEND_WEIGHT, BYTES_TOTAL,
-    CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL, CONNECTION_DURATION_SECONDS,
-    CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL, DIRECTION_BACKEND_TO_CLIENT,
-    DIRECTION_CLIENT_TO_BACKEND, NO_BACKEND_TOTAL,
+    ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_STATE_CHANGES_TOTAL, BACKEND_UP, BACKEND_WEIGHT,
+    BYTES_TOTAL, CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL,
+    CONNECTION_DURATION_SECONDS, CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL,
+    DIRECTION_BACKEND_TO_CLIENT, DIRECTION_CLIENT_TO_BACKEND, NO_BACKEND_TOTAL, QUEUE_LENGTH,
+    QUEUE_WAIT_SECONDS,
 };
 
 /// Per-backend handles, registered once.
@@ -25,6 +26,8 @@ pub(crate) struct BackendMetrics {
     connect_duration: Histogram,
     up: Gauge,
     weight: Gauge,
+    went_up: Counter,
+    went_down: Counter,
 }
 
 impl BackendMetrics {
@@ -54,6 +57,14 @@ impl BackendMetrics {
             connect_duration: histogram!(CONNECT_DURATION_SECONDS, &[b()]),
             up: gauge!(BACKEND_UP, &[b()]),
             weight: gauge!(BACKEND_WEIGHT, &[b()]),
+            went_up: counter!(
+                BACKEND_STATE_CHANGES_TOTAL,
+                &[b(), ("to", "up".to_string())]
+            ),
+            went_down: counter!(
+                BACKEND_STATE_CHANGES_TOTAL,
+                &[b(), ("to", "down".to_string())]
+            ),
         }
     }
 
@@ -81,6 +92,10 @@ impl BackendMetrics {
     pub(crate) fn set_up(&self, up: bool) {
         self.up.set(if up { 1.0 } else { 0.0 });
     }
+    /// Counts a change of its health.
+    pub(crate) fn state_changed(&self, up: bool) {
+        if up { &self.went_up } else { &self.went_down }.increment(1);
+    }
     pub(crate) fn set_weight(&self, w: u32) {
         self.weight.set(f64::from(w));
     }
@@ -94,7 +109,11 @@ pub(crate) struct GlobalMetrics {
     pub(crate) rejected_no_backend: Counter,
     pub(crate) rejected_connect_failed: Counter,
     pub(crate) rejected_local_resources: Counter,
+    pub(crate) rejected_queue_full: Counter,
+    pub(crate) rejected_queue_timeout: Counter,
     pub(crate) connection_duration: Histogram,
+    pub(crate) queue_length: Gauge,
+    pub(crate) queue_wait: Histogram,
 }
 
 impl GlobalMetrics {
@@ -105,8 +124,11 @@ impl GlobalMetrics {
             rejected_no_backend: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "no_backend"),
             rejected_connect_failed: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "connect_failed"),
             rejected_local_resources: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "local_resources"),
+            rejected_queue_full: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "queue_full"),
+            rejected_queue_timeout: counter!(CONNECTIONS_REJECTED_TOTAL, "reason" => "queue_timeout"),
             connection_duration: histogram!(CONNECTION_DURATION_SECONDS),
+            queue_length: gauge!(QUEUE_LENGTH),
+            queue_wait: histogram!(QUEUE_WAIT_SECONDS),
         }
     }
 }
-

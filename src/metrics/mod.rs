@@ -36,6 +36,8 @@ pub const CONNECT_DURATION_SECONDS: &str = "ulb_connect_duration_seconds";
 pub const CONNECTION_DURATION_SECONDS: &str = "ulb_connection_duration_seconds";
 /// 1 while a backend is in rotation, 0 while passive health holds it down, by `backend`.
 pub const BACKEND_UP: &str = "ulb_backend_up";
+/// Changes of a backend's health, by `backend` and `to` (`up`, `down`).
+pub const BACKEND_STATE_CHANGES_TOTAL: &str = "ulb_backend_state_changes_total";
 /// A backend's configured weight, by `backend`.
 pub const BACKEND_WEIGHT: &str = "ulb_backend_weight";
 /// Picks that found no usable backend (every one down or already tried).
@@ -44,8 +46,13 @@ pub const NO_BACKEND_TOTAL: &str = "ulb_no_backend_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "ulb_accept_errors_total";
 /// Client connections closed without being carried, by `reason` (`no_backend`: none was available;
 /// `connect_failed`: every one tried failed; `local_resources`: this host ran out of descriptors or
-/// ports).
+/// ports; `queue_full`, `queue_timeout`: every backend was at its cap, and the queue was full or the
+/// wait ran out).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
+/// Clients waiting for a backend below its cap now (gauge).
+pub const QUEUE_LENGTH: &str = "ulb_queue_length";
+/// How long clients waited in the queue, served or not (histogram, seconds).
+pub const QUEUE_WAIT_SECONDS: &str = "ulb_queue_wait_seconds";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "ulb_build_info";
 
@@ -114,11 +121,21 @@ pub fn describe() {
         "1 while the backend is in rotation, 0 while held down."
     );
     describe_gauge!(BACKEND_WEIGHT, "The backend's configured weight.");
+    describe_counter!(
+        BACKEND_STATE_CHANGES_TOTAL,
+        "Changes of a backend's health, by the state it went to."
+    );
     describe_counter!(NO_BACKEND_TOTAL, "Picks that found no usable backend.");
     describe_counter!(ACCEPT_ERRORS_TOTAL, "Errors returned by accept().");
     describe_counter!(
         CONNECTIONS_REJECTED_TOTAL,
         "Client connections closed without being carried."
+    );
+    describe_gauge!(QUEUE_LENGTH, "Clients waiting for a backend below its cap.");
+    describe_histogram!(
+        QUEUE_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time clients waited in the queue."
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -162,7 +179,6 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
     describe();
     Ok(())
 }
-
 
 /// Describes the blocking pool's metrics (HELP lines).
 pub(crate) fn describe_pool() {

@@ -2,7 +2,9 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -11,23 +13,62 @@ use super::Context;
 use crate::backend::{ActiveGuard, Backend};
 use crate::metrics::ConnectFailure;
 
-/// Tries backends until one connects, never one in `tried` (those that already failed this client), until
-/// `tried` holds `connect_attempts` of them. `None` once the client must be closed: every backend tried
-/// failed, none was available, or this host ran out of descriptors or ports (which is counted and logged
-/// as such, never against a backend).
+/// Tries backends until one connects, never one in `tried` (those that already failed this client), for
+/// at most `connect_attempts` connects. `None` once the client must be closed: every backend tried
+/// failed, none was available, its wait in the queue ran out, or this host ran out of descriptors or
+/// ports (which is counted and logged as such, never against a backend).
+///
+/// A backend the table picks may turn the connection away (its half-open trial is already under way, or
+/// another connection took its last slot under its cap): the pick is made again without it. When every
+/// backend that may be picked is at its cap, the client waits in the service's queue for a slot, up to
+/// the queue timeout.
 pub(crate) async fn connect(
     ctx: &Context,
     peer: SocketAddr,
     tried: &mut Vec<Arc<Backend>>,
 ) -> Option<(TcpStream, ActiveGuard)> {
     let settings = &ctx.settings;
-    while tried.len() < settings.connect_attempts as usize {
-        let Some(backend) = ctx.backends.pick(tried) else {
+    let mut attempts = 0;
+    let mut passed_over: Vec<Arc<Backend>> = Vec::new();
+    let mut queued: Option<Queued<'_>> = None;
+    while attempts < settings.connect_attempts {
+        let picked = if passed_over.is_empty() {
+            ctx.backends.pick(tried)
+        } else {
+            let skip: Vec<Arc<Backend>> = tried.iter().chain(&passed_over).cloned().collect();
+            ctx.backends.pick(&skip)
+        };
+        let Some(backend) = picked else {
+            if settings.max_queue > 0 && ctx.backends.has_full_backend() {
+                let queue = match &mut queued {
+                    Some(q) => q,
+                    None => match Queued::join(ctx) {
+                        Some(q) => queued.insert(q),
+                        None => {
+                            ctx.metrics.rejected_queue_full.increment(1);
+                            log_refusal(ctx, peer, "the queue is full");
+                            return None;
+                        }
+                    },
+                };
+                if queue.wait().await {
+                    passed_over.clear();
+                    continue;
+                }
+                ctx.metrics.rejected_queue_timeout.increment(1);
+                log_refusal(ctx, peer, "no slot came free before the queue timeout");
+                return None;
+            }
             ctx.metrics.no_backend.increment(1);
             break;
         };
         // The guard counts the connect in progress as load, so least-connections sees it at once.
-        let guard = ActiveGuard::new(backend);
+        let Some(guard) = ActiveGuard::claim(backend.clone()) else {
+            passed_over.push(backend);
+            continue;
+        };
+        drop(queued.take());
+        attempts += 1;
         let backend = guard.backend();
         let t0 = Instant::now();
         let connecting = TcpStream::connect(backend.addr());
@@ -54,7 +95,7 @@ pub(crate) async fn connect(
             Err(_) => (ConnectFailure::Timeout, "connect timed out".to_string()),
         };
         backend.metrics.connect_failed(reason);
-        backend.connect_failed(&settings.health, &error);
+        backend.connect_failed(&error);
         tracing::debug!(client = %peer, backend = %backend.who(), reason = reason.as_str(),
             error = %error, "connect to backend failed, trying another");
         tried.push(backend.clone());
@@ -70,6 +111,67 @@ pub(crate) async fn connect(
         tracing::warn!(client = %peer, ?tried, "no backend reachable; closing client");
     }
     None
+}
+
+fn log_refusal(ctx: &Context, peer: SocketAddr, why: &str) {
+    if ctx.should_log_refusal() {
+        tracing::warn!(client = %peer, why, "every backend is at its cap; closing client");
+    }
+}
+
+/// How often a queued client looks for a slot even if it was not woken (a wake-up can be missed when
+/// several slots free at once).
+const QUEUE_RECHECK: Duration = Duration::from_millis(50);
+
+/// A client's place in the service's queue, held from its first wait until it leaves (served, timed
+/// out, or gone); counted in the queue's length while held.
+struct Queued<'a> {
+    ctx: &'a Context,
+    since: Instant,
+}
+
+impl<'a> Queued<'a> {
+    /// Joins the queue, unless it is full.
+    fn join(ctx: &'a Context) -> Option<Self> {
+        let bound = ctx.settings.max_queue;
+        let joined = ctx
+            .queued
+            .fetch_update(Relaxed, Relaxed, |n| (n < bound).then_some(n + 1))
+            .is_ok();
+        joined.then(|| {
+            ctx.metrics.queue_length.increment(1.0);
+            Queued {
+                ctx,
+                since: Instant::now(),
+            }
+        })
+    }
+
+    /// Waits until a slot may have come free (`true`), or the queue timeout has passed (`false`).
+    async fn wait(&self) -> bool {
+        let deadline = self.since + self.ctx.settings.queue_timeout;
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        let recheck = (now + QUEUE_RECHECK).min(deadline);
+        tokio::select! {
+            () = self.ctx.backends.freed().notified() => {}
+            () = tokio::time::sleep_until(recheck) => {}
+        }
+        Instant::now() < deadline || !self.ctx.backends.has_full_backend()
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.ctx.queued.fetch_sub(1, Relaxed);
+        self.ctx.metrics.queue_length.decrement(1.0);
+        self.ctx
+            .metrics
+            .queue_wait
+            .record(self.since.elapsed().as_secs_f64());
+    }
 }
 
 fn classify(e: &io::Error) -> ConnectFailure {

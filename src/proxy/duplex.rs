@@ -96,4 +96,3 @@ pub(super) async fn splice(
         idle.as_mut().reset(deadline);
     }
 }
-

@@ -29,7 +29,7 @@ mod replay;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +41,6 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Registry;
 use crate::clock::now_ms;
 use crate::config::{BalancerConfig, CopyMode};
-use crate::health::PassiveHealth;
 use crate::metrics::GlobalMetrics;
 
 /// The settings of the data path, taken from the [`BalancerConfig`].
@@ -54,7 +53,8 @@ pub(crate) struct Settings {
     pub(crate) buffer_size: usize,
     pub(crate) copy_mode: CopyMode,
     pub(crate) replay_limit: usize,
-    pub(crate) health: PassiveHealth,
+    pub(crate) max_queue: usize,
+    pub(crate) queue_timeout: Duration,
 }
 
 impl From<&BalancerConfig> for Settings {
@@ -67,7 +67,8 @@ impl From<&BalancerConfig> for Settings {
             buffer_size: c.buffer_size,
             copy_mode: c.copy_mode,
             replay_limit: c.replay_limit,
-            health: c.health.clone(),
+            max_queue: c.max_queue,
+            queue_timeout: c.queue_timeout,
         }
     }
 }
@@ -83,6 +84,8 @@ pub(crate) struct Context {
     pub(crate) hard_stop: CancellationToken,
     /// When the last warning of a client that could not be carried was logged (`now_ms`).
     last_refusal_log: AtomicU64,
+    /// Clients waiting for a backend below its cap.
+    pub(crate) queued: AtomicUsize,
 }
 
 impl Context {
@@ -97,6 +100,7 @@ impl Context {
             metrics: GlobalMetrics::register(),
             hard_stop,
             last_refusal_log: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -258,4 +262,3 @@ impl std::fmt::Display for End {
         }
     }
 }
-

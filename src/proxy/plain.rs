@@ -29,4 +29,3 @@ pub(super) async fn copy(
         Err(e) => End::CopyFailed(e),
     }
 }
-

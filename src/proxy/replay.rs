@@ -104,7 +104,7 @@ pub(super) async fn until_answered(
         // The backend went away without a word: give the same bytes to another.
         let failed = guard.backend().clone();
         failed.metrics.connect_failed(ConnectFailure::Unanswered);
-        failed.connect_failed(&cfg.health, &format!("{went_away} before answering"));
+        failed.connect_failed(&format!("{went_away} before answering"));
         tracing::debug!(client = %peer, backend = %failed.who(), how = went_away,
             kept = kept.len(), "backend went away before answering; replaying to another");
         abort(&backend);
@@ -132,4 +132,3 @@ fn is_retryable(e: &io::Error) -> bool {
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
 }
-

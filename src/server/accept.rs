@@ -77,4 +77,3 @@ fn is_per_connection(e: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
     )
 }
-

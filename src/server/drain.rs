@@ -27,4 +27,3 @@ pub(crate) async fn drain(shared: &Shared) -> ShutdownReport {
     tracing::info!(in_flight, forced, "balancer stopped");
     ShutdownReport { in_flight, forced }
 }
-

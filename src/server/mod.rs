@@ -8,6 +8,7 @@
 //! * `listen`: binding listeners the way the balancer wants them.
 
 mod accept;
+mod background;
 mod drain;
 mod handle;
 mod listen;
@@ -18,6 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -26,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Registry;
 use crate::config::{BalancerConfig, ConfigError};
+use crate::health::Policy;
 use crate::proxy::{Context, Settings};
 
 pub use handle::{BalancerHandle, Drain};
@@ -105,7 +108,22 @@ impl TcpBalancer {
         config.validate()?;
         let hard_stop = CancellationToken::new();
         let seed = config.seed.unwrap_or_else(rand::random);
-        let registry = Registry::new(config.strategy, seed, &config.backends, hard_stop.clone());
+        let policy = Policy {
+            passive: config.health.clone(),
+            probe_stale: config
+                .connect_timeout
+                .saturating_add(Duration::from_secs(1)),
+            slow_start: config.slow_start,
+            on_down: config.on_down,
+            checked: false,
+        };
+        let registry = Registry::new(
+            config.strategy,
+            seed,
+            &config.backends,
+            policy,
+            hard_stop.clone(),
+        );
         let ctx = Context::new(Settings::from(&config), Arc::new(registry), hard_stop);
         let limit = Arc::new(Semaphore::new(config.max_connections));
         let shared = Shared {
@@ -161,6 +179,7 @@ impl TcpBalancer {
         tokio::pin!(shutdown);
         tokio::select! {
             () = accept::accept_loop(&shared, &listener) => {}
+            () = background::run(&shared) => {}
             () = &mut shutdown => {}
             () = shared.shutdown.cancelled() => {}
         }
@@ -203,4 +222,3 @@ impl TcpBalancer {
         per_core::serve(self.shared, listeners, shutdown).await
     }
 }
-

@@ -32,7 +32,6 @@ use super::accept::on_accept;
 use super::drain::drain;
 use super::{Shared, ShutdownReport, MAX_THREADS};
 
-
 /// One listening socket per thread, all bound to the same address with `SO_REUSEPORT`, ready for
 /// [`TcpBalancer::serve_per_core`](crate::TcpBalancer::serve_per_core).
 ///
@@ -214,6 +213,7 @@ pub(crate) async fn serve(
         tokio::select! {
             () = &mut shutdown => {}
             () = shared.shutdown.cancelled() => {}
+            () = super::background::run(&shared) => {}
             Some(event) = events.recv() => {
                 // A thread's first event is always its listener closing; before any shutdown, it failed.
                 // Stop them all.

@@ -84,7 +84,12 @@ pub struct ClusterArgs {
 
     /// How the balancer chooses a worker for each connection: round-robin, least-connections, random or
     /// p2c.
-    #[arg(long, short = 's', value_name = "STRATEGY", default_value = "round-robin")]
+    #[arg(
+        long,
+        short = 's',
+        value_name = "STRATEGY",
+        default_value = "round-robin"
+    )]
     pub strategy: Strategy,
 
     /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100).
@@ -100,7 +105,12 @@ pub struct ClusterArgs {
     pub kill_timeout: Duration,
 
     /// Crashes within --restart-window after which a worker is given up.
-    #[arg(long, value_name = "N", default_value_t = 5, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        allow_hyphen_values = true
+    )]
     pub max_restarts: u32,
 
     /// See --max-restarts.
@@ -175,7 +185,12 @@ pub struct BalancerArgs {
 
     /// How to choose a backend for each connection: round-robin (weighted, smooth), least-connections
     /// (fewest active per unit of weight), random (weighted) or p2c (the less loaded of two random picks).
-    #[arg(long, short = 's', value_name = "STRATEGY", default_value = "round-robin")]
+    #[arg(
+        long,
+        short = 's',
+        value_name = "STRATEGY",
+        default_value = "round-robin"
+    )]
     pub strategy: Strategy,
 
     /// Longest time one connect to a backend may take before another backend is tried.
@@ -183,7 +198,12 @@ pub struct BalancerArgs {
     pub connect_timeout: Duration,
 
     /// Backends tried per client connection (each a different one) before the client is closed.
-    #[arg(long, value_name = "N", default_value_t = 3, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        allow_hyphen_values = true
+    )]
     pub connect_attempts: u32,
 
     /// Close both sides of a connection that carried no bytes either way for this long.
@@ -204,7 +224,12 @@ pub struct BalancerArgs {
     pub drain_timeout: Duration,
 
     /// Consecutive failed connects that take a backend out of rotation (passive health).
-    #[arg(long, value_name = "N", default_value_t = 3, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        allow_hyphen_values = true
+    )]
     pub fail_threshold: u32,
 
     /// How long a failing backend stays out of rotation; doubles while it keeps failing, up to 60s.
@@ -281,7 +306,9 @@ pub fn parse_threads(s: &str) -> Result<NonZeroUsize, String> {
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim().to_ascii_lowercase();
     if t.starts_with('-') {
-        return Err(format!("'{s}' is negative (a size is 0 or more, for example 64k)"));
+        return Err(format!(
+            "'{s}' is negative (a size is 0 or more, for example 64k)"
+        ));
     }
     let (num, scale) = match t.strip_suffix('k') {
         Some(n) => (n, 1024),
@@ -310,7 +337,9 @@ pub enum LogFormat {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.starts_with('-') {
-        return Err(format!("'{s}' is negative (a duration is 0 or more, for example 3s)"));
+        return Err(format!(
+            "'{s}' is negative (a duration is 0 or more, for example 3s)"
+        ));
     }
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -383,9 +412,16 @@ const FLAGS: &[(&str, &str)] = &[
 
 /// A configuration error in the command's words: a field is named by the flag that sets it.
 pub fn in_flag_words(e: &ConfigError) -> String {
-    let flag = |field: &str| FLAGS.iter().find(|(f, _)| *f == field).map(|(_, flag)| *flag);
+    let flag = |field: &str| {
+        FLAGS
+            .iter()
+            .find(|(f, _)| *f == field)
+            .map(|(_, flag)| *flag)
+    };
     match e {
-        ConfigError::NoBackends => "no backends given (use --backends HOST:PORT[@WEIGHT],...)".into(),
+        ConfigError::NoBackends => {
+            "no backends given (use --backends HOST:PORT[@WEIGHT],...)".into()
+        }
         ConfigError::OutOfRange {
             field,
             value,
@@ -422,7 +458,9 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert!(parse_duration("3x").unwrap_err().contains("'3x'"));
         assert!(parse_duration("").is_err());
-        assert!(parse_duration("-1").unwrap_err().contains("'-1' is negative"));
+        assert!(parse_duration("-1")
+            .unwrap_err()
+            .contains("'-1' is negative"));
         let huge = parse_duration("2600000000000000h").unwrap_err();
         assert!(huge.contains("too long"), "{huge}");
         assert_eq!(parse_duration("24d"), Ok(ulb_tcp::config::MAX_DURATION));

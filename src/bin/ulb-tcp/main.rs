@@ -6,9 +6,9 @@ use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
 use clap::Parser;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
@@ -76,12 +76,8 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Some(addr) = metrics {
-        if let Err(e) = ulb_tcp::metrics::install_prometheus(addr) {
-            eprintln!("ulb-tcp: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    if let Err(code) = install_metrics(metrics) {
+        return code;
     }
     let backends: Vec<String> = config
         .backends
@@ -180,12 +176,8 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async move {
-        if let Some(addr) = metrics {
-            if let Err(e) = ulb_tcp::metrics::install_prometheus(addr) {
-                eprintln!("ulb-tcp: {e}");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        if let Err(code) = install_metrics(metrics) {
+            return code;
         }
         let cluster = match ulb_tcp::cluster::Cluster::new(config, command) {
             Ok(c) => c,
@@ -214,14 +206,28 @@ static FORCED: AtomicBool = AtomicBool::new(false);
 /// Resolves on the first SIGINT or SIGTERM. A second one resets every connection still open (a client
 /// must never take a cut stream for a complete one) and the command exits 1 as soon as they are closed.
 async fn shutdown_signal(handle: BalancerHandle) {
-    ulb_tcp::signal::stop_signal().await;
-    tracing::info!("shutdown signal received; draining (send it again to exit at once)");
-    tokio::spawn(async move {
-        ulb_tcp::signal::stop_signal().await;
-        tracing::warn!("second signal; resetting the connections still open and exiting");
-        FORCED.store(true, Ordering::Relaxed);
-        handle.force_shutdown();
-    });
+    ulb_tcp::signal::stop_then_force(
+        "shutdown signal received; draining (send it again to exit at once)",
+        "second signal; resetting the connections still open and exiting",
+        move || {
+            FORCED.store(true, Ordering::Relaxed);
+            handle.force_shutdown();
+        },
+    )
+    .await;
+}
+
+/// Serves Prometheus metrics on `addr`, if given; the exit code after saying why it cannot.
+fn install_metrics(addr: Option<SocketAddr>) -> Result<(), ExitCode> {
+    let Some(addr) = addr else {
+        return Ok(());
+    };
+    if let Err(e) = ulb_tcp::metrics::install_prometheus(addr) {
+        eprintln!("ulb-tcp: {e}");
+        return Err(ExitCode::from(EXIT_FAILURE));
+    }
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
 }
 
 /// The runtime `builder` describes, or the exit code after saying why it cannot start.
