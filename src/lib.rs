@@ -39,6 +39,18 @@
 //! Imports go one way: `server` → `proxy` → `backend` → `config` → `balance`, `health` → `metrics`, and
 //! `cluster` uses only the public API of the others.
 //!
+//! # Features
+//!
+//! All are on by default. With none (`default-features = false`) the crate is the balancer alone:
+//! everything above but `cluster` and `pool`, with metrics recorded through whatever recorder the program
+//! installs.
+//!
+//! * `prometheus`: [`metrics::install_prometheus`], the Prometheus exporter with its own HTTP listener
+//!   (metrics-exporter-prometheus and its hyper server).
+//! * `cluster`: the [`cluster`] module (Tokio's `process` feature).
+//! * `pool`: the [`pool`] module (no further dependency).
+//! * `cli`: the `ulb-tcp` command (clap and tracing-subscriber); turns on `prometheus` and `cluster`.
+//!
 //! # Example
 //!
 //! ```
@@ -70,9 +82,23 @@
 //! assert_eq!(report.forced, 0);
 //! # Ok(()) }
 //! ```
+//!
+// Links to what a feature left out go to the list of features instead.
+#![cfg_attr(
+    not(feature = "prometheus"),
+    doc = "[`metrics::install_prometheus`]: #features"
+)]
+#![cfg_attr(not(feature = "cluster"), doc = "[`cluster`]: #features")]
+#![cfg_attr(not(feature = "pool"), doc = "[`pool`]: #features")]
 #![deny(missing_docs)]
+// With `rust-version` at 1.85, clippy asks for `iter::repeat_n` (1.82) where the tests of
+// `balance::load_tree` write `repeat(x).take(n)`; allowed here until those tests change.
+#![cfg_attr(test, allow(clippy::manual_repeat_n))]
 
 pub mod backend;
+// The module's documentation links to the crate-private `Candidate` trait; allowed here until it no
+// longer does, so that `cargo doc` with `-D warnings` passes.
+#[allow(rustdoc::private_intra_doc_links)]
 pub mod balance;
 mod clock;
 #[cfg(feature = "cluster")]

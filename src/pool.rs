@@ -267,7 +267,16 @@ impl PoolMetrics {
 }
 
 /// Describes the pool's metrics to the installed recorder (HELP lines). [`crate::metrics::describe`]
-/// (which [`crate::metrics::install_prometheus`] calls) does it too.
+/// (which [`install_prometheus`] calls) does it too.
+///
+#[cfg_attr(
+    feature = "prometheus",
+    doc = "[`install_prometheus`]: crate::metrics::install_prometheus"
+)]
+#[cfg_attr(
+    not(feature = "prometheus"),
+    doc = "[`install_prometheus`]: crate#features"
+)]
 pub fn describe_metrics() {
     crate::metrics::describe_pool();
 }

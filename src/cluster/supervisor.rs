@@ -473,7 +473,7 @@ fn settle(pending: &mut Reply, result: Result<(), String>) {
 /// on its [`BackendEvent::Drained`]. A stream that lagged reads the count again.
 async fn wait_drained(balancer: &BalancerHandle, id: &str, events: &mut BackendEvents) {
     loop {
-        if balancer.backend(id).map_or(true, |b| b.active == 0) {
+        if balancer.backend(id).is_none_or(|b| b.active == 0) {
             return;
         }
         match events.recv().await {

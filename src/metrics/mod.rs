@@ -5,6 +5,11 @@
 //! on a handle, never a lookup of a label set. Install the recorder (for example with
 //! [`install_prometheus`]) *before* building a [`TcpBalancer`](crate::TcpBalancer): handles bind to the
 //! recorder in place when they are registered, and are no-ops without one.
+//!
+#![cfg_attr(
+    not(feature = "prometheus"),
+    doc = "[`install_prometheus`]: crate#features"
+)]
 
 mod handles;
 
@@ -213,7 +218,10 @@ pub(crate) fn describe_pool() {
 
 // Blocking pool
 
-/// Jobs running on a [`BlockingPool`](crate::pool::BlockingPool) now (gauge; summed over pools).
+/// Jobs running on a [`BlockingPool`] now (gauge; summed over pools).
+///
+#[cfg_attr(feature = "pool", doc = "[`BlockingPool`]: crate::pool::BlockingPool")]
+#[cfg_attr(not(feature = "pool"), doc = "[`BlockingPool`]: crate#features")]
 pub const POOL_JOBS_RUNNING: &str = "ulb_pool_jobs_running";
 /// Jobs admitted to a pool's queue and waiting for a slot now (gauge; summed over pools).
 pub const POOL_JOBS_QUEUED: &str = "ulb_pool_jobs_queued";
