@@ -91,14 +91,8 @@
 #![cfg_attr(not(feature = "cluster"), doc = "[`cluster`]: #features")]
 #![cfg_attr(not(feature = "pool"), doc = "[`pool`]: #features")]
 #![deny(missing_docs)]
-// With `rust-version` at 1.85, clippy asks for `iter::repeat_n` (1.82) where the tests of
-// `balance::load_tree` write `repeat(x).take(n)`; allowed here until those tests change.
-#![cfg_attr(test, allow(clippy::manual_repeat_n))]
 
 pub mod backend;
-// The module's documentation links to the crate-private `Candidate` trait; allowed here until it no
-// longer does, so that `cargo doc` with `-D warnings` passes.
-#[allow(rustdoc::private_intra_doc_links)]
 pub mod balance;
 mod clock;
 #[cfg(feature = "cluster")]

@@ -207,7 +207,7 @@ async fn wait_until_idle(pid: u32, bound: Option<usize>, limit: Duration) -> (us
     let start = Instant::now();
     loop {
         if let Some(fds) = idle_fds(pid) {
-            if bound.map_or(true, |b| fds.0 <= b) {
+            if bound.is_none_or(|b| fds.0 <= b) {
                 return fds;
             }
         }

@@ -701,7 +701,7 @@ mod tests {
 
     #[test]
     fn leaves_are_a_permutation_of_the_backends() {
-        let bs = backends(std::iter::repeat(1).take(100));
+        let bs = backends(std::iter::repeat_n(1, 100));
         let tree = LoadTree::attach(&bs).unwrap();
         assert_eq!(tree.depth, 3, "100 backends need three levels of eight");
         assert_eq!(tree.roots, 2, "two root children of 64 leaves each");
@@ -721,7 +721,7 @@ mod tests {
         }
         tree.assert_consistent();
         for n in [2, 8, 9, 513, 4096, 10_000] {
-            let tree = LoadTree::attach(&backends(std::iter::repeat(1).take(n))).unwrap();
+            let tree = LoadTree::attach(&backends(std::iter::repeat_n(1, n))).unwrap();
             let mut leaves: Vec<u32> = (0..n).map(|i| tree.leaf_of(i)).collect();
             assert!((0..n).all(|i| tree.backend_of(leaves[i]) == i), "n = {n}");
             leaves.sort_unstable();
@@ -793,7 +793,7 @@ mod tests {
     /// led astray by it, or else by the sweep.
     #[test]
     fn stale_nodes_are_repaired() {
-        let bs = backends(std::iter::repeat(1).take(700));
+        let bs = backends(std::iter::repeat_n(1, 700));
         let tree = LoadTree::attach(&bs).unwrap();
         let _load: Vec<_> = (0..700)
             .filter(|&i| i != 123)
@@ -875,7 +875,7 @@ mod tests {
 
     #[test]
     fn the_walk_goes_around_excluded_and_down_leaves() {
-        let bs = backends(std::iter::repeat(1).take(40));
+        let bs = backends(std::iter::repeat_n(1, 40));
         let tree = LoadTree::attach(&bs).unwrap();
         let _load: Vec<_> = (0..40)
             .filter(|&i| i != 5 && i != 17 && i != 33)

@@ -1,6 +1,6 @@
 //! Choosing a backend: the strategies, the smooth schedule and the least-connections index.
 //!
-//! Everything here is an algorithm over [`Candidate`]s: a backend as a strategy sees it (a live count, an
+//! Everything here is an algorithm over `Candidate`s: a backend as a strategy sees it (a live count, an
 //! effective weight, whether it may be picked). The tables are immutable snapshots; the backend registry
 //! (`crate::backend`) builds a new one on every change and publishes it whole.
 //!
