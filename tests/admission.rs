@@ -1,0 +1,360 @@
+//! Who may take a connection, through real sockets: slow start with every strategy, per-backend caps
+//! with the queue, backups, and the single trial connection that ends a back-off.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{wait_until, Backend, Running};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use ulb_tcp::{BackendConfig, BalancerConfig, PassiveHealth, Strategy};
+
+async fn tagged(n: u8) -> Vec<Backend> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(Backend::tagged(i).await);
+    }
+    v
+}
+
+/// One short connection: the tag of the backend it reached.
+async fn visit(lb: &Running) -> u8 {
+    lb.tag().await.0
+}
+
+/// A backend joins a running balancer with a slow start of `window`: over the first tenth of it, its
+/// share of short connections is under 30% of a fair one; after it, fair.
+async fn slow_start_with(strategy: Strategy, window: Duration) {
+    let bs = tagged(4).await;
+    let cfg = BalancerConfig::new(bs[..3].iter().map(|b| BackendConfig::new(b.addr)))
+        .strategy(strategy)
+        .slow_start(window)
+        .seed(7);
+    let lb = Running::start(cfg).await;
+    lb.handle
+        .add_backend(BackendConfig::new(bs[3].addr))
+        .unwrap();
+    let joined = Instant::now();
+    let id = bs[3].addr.to_string();
+    let early_weight = lb.handle.backend(&id).unwrap().effective_weight;
+    assert!(
+        early_weight < 0.2,
+        "{strategy}: effective weight {early_weight} at the start"
+    );
+
+    let (mut early, mut early_new) = (0usize, 0usize);
+    while joined.elapsed() < window / 10 {
+        early += 1;
+        early_new += usize::from(visit(&lb).await == 3);
+    }
+    wait_until("the slow start to end", window * 2, || {
+        joined.elapsed() >= window
+    })
+    .await;
+    let handle = lb.handle.clone();
+    wait_until("the full weight", Duration::from_secs(5), || {
+        handle
+            .backend(&id)
+            .is_some_and(|b| b.effective_weight == 1.0)
+    })
+    .await;
+    let (late, mut late_new) = (800usize, 0usize);
+    for _ in 0..late {
+        late_new += usize::from(visit(&lb).await == 3);
+    }
+    let fair = 0.25;
+    let early_share = early_new as f64 / early as f64;
+    let late_share = late_new as f64 / late as f64;
+    eprintln!(
+        "{strategy}: first tenth {early_new}/{early} ({early_share:.3}), after {late_new}/{late} ({late_share:.3})"
+    );
+    assert!(
+        early >= 20,
+        "{strategy}: only {early} connections in the first tenth"
+    );
+    assert!(
+        early_share < 0.3 * fair,
+        "{strategy}: {early_share:.3} of the connections in the first tenth of the window"
+    );
+    assert!(
+        (0.18..=0.32).contains(&late_share),
+        "{strategy}: {late_share:.3} once the window is over, not its fair share"
+    );
+    lb.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_start_ramps_up_a_joining_backend_with_every_strategy() {
+    let window = Duration::from_secs(3);
+    let [a, b, c, d] = Strategy::ALL;
+    tokio::join!(
+        slow_start_with(a, window),
+        slow_start_with(b, window),
+        slow_start_with(c, window),
+        slow_start_with(d, window),
+    );
+}
+
+/// A backend that records how many connections it holds at once, and numbers them in the order it
+/// accepted them (the number is the first byte it sends); each connection is held until the client
+/// closes it.
+struct Counting {
+    addr: std::net::SocketAddr,
+    now: Arc<AtomicUsize>,
+    max: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn counting() -> Counting {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (now, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, m) = (now.clone(), max.clone());
+    let task = tokio::spawn(async move {
+        let mut seq = 0u8;
+        while let Ok((mut s, _)) = listener.accept().await {
+            let open = n.fetch_add(1, SeqCst) + 1;
+            m.fetch_max(open, SeqCst);
+            let n = n.clone();
+            let number = seq;
+            seq = seq.wrapping_add(1);
+            tokio::spawn(async move {
+                if s.write_all(&[number]).await.is_ok() {
+                    let mut sink = [0u8; 64];
+                    while matches!(s.read(&mut sink).await, Ok(k) if k > 0) {}
+                }
+                n.fetch_sub(1, SeqCst);
+            });
+        }
+    });
+    Counting {
+        addr,
+        now,
+        max,
+        task,
+    }
+}
+
+/// Connects, and reads the backend's number once it is served.
+async fn served(addr: std::net::SocketAddr) -> std::io::Result<(u8, TcpStream)> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await?;
+    Ok((b[0], s))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_backend_never_holds_more_than_its_cap_and_the_queue_is_served_in_order() {
+    let backend = counting().await;
+    let cfg = BalancerConfig::new([BackendConfig::new(backend.addr).with_max_connections(3)])
+        .queue(100, Duration::from_secs(20));
+    let lb = Running::start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(served(lb.addr).await.unwrap().1);
+    }
+    // Five more queue, one after the other.
+    let mut waiting = Vec::new();
+    for i in 0..5usize {
+        let addr = lb.addr;
+        waiting.push(tokio::spawn(async move { served(addr).await.unwrap() }));
+        let handle = lb.handle.clone();
+        wait_until("the client to queue", Duration::from_secs(10), || {
+            handle.queued() == i + 1
+        })
+        .await;
+    }
+    assert_eq!(backend.now.load(SeqCst), 3);
+    // Each connection that ends lets the next queued one in, in the order they came.
+    let mut order = Vec::new();
+    for w in waiting {
+        drop(held.remove(0));
+        let (number, s) = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("a queued client was not served")
+            .unwrap();
+        order.push(number);
+        held.push(s);
+        assert!(backend.now.load(SeqCst) <= 3);
+    }
+    assert_eq!(order, [3, 4, 5, 6, 7], "served in the order they queued");
+    assert_eq!(
+        backend.max.load(SeqCst),
+        3,
+        "the backend never held more than 3"
+    );
+    assert_eq!(lb.handle.queued(), 0);
+    drop(held);
+    lb.wait_for("every count back to 0", |s| s[0].active == 0)
+        .await;
+    assert_eq!(lb.stop().await.forced, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_and_a_queue_timeout_close_the_client() {
+    let backend = counting().await;
+    let cfg = BalancerConfig::new([BackendConfig::new(backend.addr).with_max_connections(1)])
+        .queue(1, Duration::from_millis(300));
+    let lb = Running::start(cfg).await;
+    let (_, held) = served(lb.addr).await.unwrap();
+    // One may wait; it is closed at the timeout.
+    let addr = lb.addr;
+    let t0 = Instant::now();
+    let first = tokio::spawn(async move { served(addr).await.map(|_| ()) });
+    let handle = lb.handle.clone();
+    wait_until("the client to queue", Duration::from_secs(10), || {
+        handle.queued() == 1
+    })
+    .await;
+    // A second finds the queue full: closed at once.
+    let refused = tokio::time::timeout(Duration::from_millis(250), served(lb.addr))
+        .await
+        .expect("a client that finds the queue full is closed at once");
+    assert!(refused.is_err(), "a client past the queue bound was served");
+    let timed_out = first.await.unwrap();
+    assert!(
+        timed_out.is_err(),
+        "the queued client was served past its cap"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "closed before the queue timeout"
+    );
+    assert_eq!(backend.max.load(SeqCst), 1);
+    drop(held);
+    lb.wait_for("the held connection to end", |s| s[0].active == 0)
+        .await;
+    assert_eq!(lb.stop().await.forced, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_take_traffic_only_while_every_primary_is_down() {
+    let bs = tagged(3).await;
+    let cfg = BalancerConfig::new([
+        BackendConfig::new(bs[0].addr),
+        BackendConfig::new(bs[1].addr),
+        BackendConfig::new(bs[2].addr).with_backup(true),
+    ]);
+    let lb = Running::start(cfg).await;
+    for _ in 0..20 {
+        assert_ne!(
+            visit(&lb).await,
+            2,
+            "a backup took traffic while primaries were up"
+        );
+    }
+    let (a, b) = (bs[0].addr.to_string(), bs[1].addr.to_string());
+    lb.handle
+        .set_admin_state(&a, ulb_tcp::AdminState::Maint)
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(visit(&lb).await, 1, "one primary is left");
+    }
+    lb.handle
+        .set_admin_state(&b, ulb_tcp::AdminState::Maint)
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(visit(&lb).await, 2, "every primary is out: the backup");
+    }
+    lb.handle
+        .set_admin_state(&a, ulb_tcp::AdminState::Ready)
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(visit(&lb).await, 0, "a primary is back: the backup stops");
+    }
+    assert_eq!(
+        lb.handle.backend(&bs[2].addr.to_string()).unwrap().total,
+        10
+    );
+    assert!(lb.handle.backend(&bs[2].addr.to_string()).unwrap().backup);
+    lb.stop().await;
+}
+
+/// A listener that accepts nothing and whose accept queue is full: SYNs to it are dropped, so connects
+/// to it time out (the same black hole as a `--syn -j DROP` rule, without a namespace).
+fn blackhole() -> (socket2::Socket, std::net::TcpStream, std::net::SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    (s, filler, addr)
+}
+
+/// After its back-off, a black-holed backend is tried by exactly one connection (the others go to the
+/// good backend at once), and judged again on that one alone: no herd pays the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backoff_ends_with_one_trial_not_a_herd() {
+    let (_hole, _filler, hole) = blackhole();
+    let good = Backend::echo().await;
+    let cfg = BalancerConfig::new([BackendConfig::new(hole), BackendConfig::new(good.addr)])
+        .connect_timeout(Duration::from_millis(500))
+        .health(PassiveHealth::new(
+            1,
+            Duration::from_millis(300),
+            Duration::from_secs(60),
+        ));
+    let lb = Running::start(cfg).await;
+    let hole_id = hole.to_string();
+    // The first connection to the hole times out and takes it down.
+    let got = common::echo_roundtrip(lb.addr, Arc::new(b"x".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(got, b"x");
+    let handle = lb.handle.clone();
+    assert!(!handle.backend(&hole_id).unwrap().up);
+    assert_eq!(handle.backend(&hole_id).unwrap().connect_failures, 1);
+    wait_until("the back-off to end", Duration::from_secs(5), || {
+        handle.backend(&hole_id).is_some_and(|b| b.up)
+    })
+    .await;
+
+    // 40 clients at once, right after the back-off: one tries the hole, the others never wait on it.
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..40u8 {
+        let addr = lb.addr;
+        clients.spawn(async move {
+            let t0 = Instant::now();
+            let got = common::echo_roundtrip(addr, Arc::new(vec![i; 100])).await;
+            (got.map(|g| g == vec![i; 100]), t0.elapsed())
+        });
+    }
+    let mut slow = 0;
+    while let Some(done) = clients.join_next().await {
+        let (ok, took) = done.unwrap();
+        assert!(matches!(ok, Ok(true)), "a client failed");
+        slow += usize::from(took >= Duration::from_millis(450));
+    }
+    eprintln!("{slow} of 40 clients paid the connect timeout");
+    assert!(
+        slow <= 1,
+        "{slow} clients waited on the black hole's connect timeout"
+    );
+    let stats = lb.handle.backend(&hole_id).unwrap();
+    assert_eq!(
+        stats.connect_failures, 2,
+        "exactly one trial after the back-off: {stats:?}"
+    );
+    assert!(!stats.up, "the failed trial takes it down again");
+    assert!(
+        stats.down_for.unwrap() > Duration::from_millis(300),
+        "for a longer back-off"
+    );
+    lb.stop().await;
+}
