@@ -776,3 +776,165 @@ fn bad_input_is_one_line_and_exit_code_two_before_any_worker_starts() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Ports that are really the workers'
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_listener_on_a_worker_port_is_a_clear_start_error() {
+    let base = free_ports(3);
+    let foreign = std::net::TcpListener::bind(("127.0.0.1", base + 1)).unwrap();
+    let config = ClusterConfig::new()
+        .processes(2)
+        .base_port(base)
+        .balancer(SocketAddr::from(([127, 0, 0, 1], base + 2)));
+    let cluster = Cluster::new(config, worker_command(0)).unwrap();
+    let handle = cluster.handle();
+    let err = cluster.run(std::future::pending()).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(
+            err,
+            ulb_tcp::cluster::ClusterError::PortTaken { port, holder: Some((pid, _)) }
+                if port == base + 1 && pid == std::process::id()
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("worker port {} is already in use by ", base + 1)),
+        "{text}"
+    );
+    assert!(
+        handle.workers().iter().all(|w| w.starts == 0),
+        "no worker was started: {:?}",
+        handle.workers()
+    );
+
+    // The command says the same on one line, and exits 1.
+    let listen = format!("127.0.0.1:{}", base + 2);
+    let mut args = vec!["cluster".to_string(), "-p".into(), "2".into()];
+    args.extend([
+        "--base-port".into(),
+        base.to_string(),
+        "--listen".into(),
+        listen,
+    ]);
+    args.extend(["--".into(), python()]);
+    args.extend(worker_args(0));
+    let out = Command::new(BIN)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("ulb-tcp: ")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(&format!("worker port {} is already in use by", base + 1)),
+        "{err}"
+    );
+    assert!(
+        lines[0].contains(&format!("(pid {})", std::process::id())),
+        "{err}"
+    );
+    drop(foreign);
+}
+
+/// A worker that retries its bind while a foreign process holds its port (as some servers do) is not
+/// put in rotation until the port is its own: no client ever reaches the foreign process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_binds_late_never_sends_client_traffic_to_a_foreign_process() {
+    let base = free_ports(3);
+    let listen = SocketAddr::from(([127, 0, 0, 1], base + 2));
+    let retrying = WORKER.replace(
+        "s.bind((\"127.0.0.1\", port))",
+        "import time\nwhile True:\n    try:\n        s.bind((\"127.0.0.1\", port)); break\n    except OSError:\n        time.sleep(0.02)",
+    );
+    assert_ne!(retrying, WORKER);
+    let config = ClusterConfig::new()
+        .processes(2)
+        .base_port(base)
+        .balancer(listen);
+    let command = WorkerCommand::new(python()).args(["-c", &retrying, "{id}", "{port}", "0"]);
+    let cluster = Cluster::new(config, command).unwrap();
+    let handle = cluster.handle();
+    let run = tokio::spawn(cluster.run(std::future::pending()));
+    wait_for(
+        &handle,
+        Duration::from_secs(10),
+        "every worker running",
+        all_running,
+    )
+    .await;
+    let victim = handle.workers()[1].pid.unwrap();
+    let _guard = KillPids(handle.workers().iter().filter_map(|w| w.pid).collect());
+
+    // Worker 1 dies; a foreign process takes its port before the restart.
+    // SAFETY: kill(2) with plain integers.
+    unsafe { libc::kill(victim as libc::pid_t, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let foreign = loop {
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", base + 1)) {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker's port never came free"
+        );
+        std::thread::yield_now();
+    };
+    foreign.set_nonblocking(true).unwrap();
+    let foreign = tokio::net::TcpListener::from_std(foreign).unwrap();
+    let taken = Arc::new(AtomicUsize::new(0));
+    let counter = taken.clone();
+    let thief = tokio::spawn(async move {
+        while let Ok((s, _)) = foreign.accept().await {
+            counter.fetch_add(1, SeqCst);
+            drop(s);
+        }
+    });
+    wait_for(
+        &handle,
+        Duration::from_secs(10),
+        "the replacement to start",
+        |w| w[1].starts >= 2 && w[1].pid.is_some_and(|p| p != victim),
+    )
+    .await;
+    // While the foreign process holds the port, every client goes to worker 0.
+    for i in 0..100 {
+        let reply = fetch(listen, 0)
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_eq!(reply.id, 0, "client {i}");
+    }
+    assert_eq!(
+        taken.load(SeqCst),
+        0,
+        "the foreign process got client traffic"
+    );
+    assert_ne!(handle.workers()[1].state, WorkerState::Running);
+
+    // The port comes free: the worker binds it and is put back.
+    thief.abort();
+    let _ = thief.await;
+    wait_for(
+        &handle,
+        Duration::from_secs(10),
+        "worker 1 running again",
+        all_running,
+    )
+    .await;
+    let back = fetch_until(listen, 0, Duration::from_secs(5)).await;
+    let mut seen = HashSet::from([back.id]);
+    for _ in 0..20 {
+        seen.insert(fetch(listen, 0).await.unwrap().id);
+    }
+    assert_eq!(
+        seen,
+        HashSet::from([0, 1]),
+        "both workers take traffic again"
+    );
+    handle.shutdown();
+    run.await.unwrap().unwrap();
+}

@@ -59,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{BackendConfig, BalancerConfig, BalancerHandle, ConfigError, Strategy, TcpBalancer};
 
 mod output;
+mod ports;
 mod supervisor;
 mod sys;
 
@@ -499,6 +500,14 @@ pub enum ClusterError {
         /// The least allowed.
         min: Duration,
     },
+    /// A worker port is held by another process before any worker started.
+    #[error("worker port {port} is already in use{}", holder_words(.holder))]
+    PortTaken {
+        /// The port.
+        port: u16,
+        /// The process holding it, when the system tells: its pid and name.
+        holder: Option<(u32, String)>,
+    },
     /// The balancer's port is one of the workers'.
     #[error("listen address {listen} collides with the worker ports {first}-{last}")]
     ListenCollides {
@@ -553,6 +562,13 @@ pub enum ClusterError {
     /// The cluster is not running (not started yet, or shutting down).
     #[error("the cluster is not running")]
     NotRunning,
+}
+
+fn holder_words(holder: &Option<(u32, String)>) -> String {
+    match holder {
+        Some((pid, name)) => format!(" by {name} (pid {pid})"),
+        None => String::new(),
+    }
 }
 
 impl ClusterError {

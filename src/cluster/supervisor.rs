@@ -89,6 +89,16 @@ pub(super) async fn run(
     } = cluster;
     let config = &shared.config;
 
+    // Every worker port must be free before any worker starts: a process that already listens there
+    // would answer in a worker's place.
+    if config.checks_port() {
+        for id in 0..config.processes {
+            let port = config.worker_port(id);
+            if let Err(holder) = super::ports::ensure_free(port) {
+                return Err(ClusterError::PortTaken { port, holder });
+            }
+        }
+    }
     // Bind before starting any worker, so that an address in use fails fast and leaves nothing behind.
     let listener = match config.listen {
         Some(addr) if balancer.is_some() => {
@@ -318,7 +328,7 @@ impl Worker {
         if ready {
             self.running(pending);
         }
-        let accepting = wait_accepting(self.addr, config.ready_poll_interval);
+        let accepting = wait_listening(self.id, self.addr, child.id(), config.ready_poll_interval);
         tokio::pin!(accepting);
         let mut slow = Box::pin(tokio::time::sleep(Duration::from_secs(30)));
         loop {
@@ -484,13 +494,41 @@ async fn wait_drained(balancer: &BalancerHandle, id: &str, events: &mut BackendE
     }
 }
 
-/// Resolves once `addr` accepts a connection; tries every `interval`.
-async fn wait_accepting(addr: SocketAddr, interval: Duration) {
+/// Resolves once the worker whose process is `pid` listens on `addr`'s port, and nobody else does
+/// (on Linux, read from the kernel's socket tables: a foreign process that listens there never puts the
+/// worker in rotation, and is reported once), and `addr` accepts a connection. Tries every `interval`.
+async fn wait_listening(worker: usize, addr: SocketAddr, pid: Option<u32>, interval: Duration) {
+    let mut reported = false;
     loop {
-        if let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await
-        {
-            return;
+        #[cfg(target_os = "linux")]
+        let ours = match pid.map(|pid| super::ports::listener_on(addr.port(), pid)) {
+            Some(super::ports::Listener::Ours) => true,
+            Some(super::ports::Listener::Foreign(holder)) => {
+                if !reported {
+                    reported = true;
+                    let holder = holder.map(|(pid, name)| format!("{name} (pid {pid})"));
+                    tracing::warn!(
+                        worker,
+                        port = addr.port(),
+                        holder = holder.as_deref().unwrap_or("another process"),
+                        "another process listens on the worker's port; the worker takes no traffic until only it does"
+                    );
+                }
+                false
+            }
+            Some(super::ports::Listener::None) | None => false,
+        };
+        #[cfg(not(target_os = "linux"))]
+        let ours = {
+            let _ = (worker, pid, &mut reported);
+            true
+        };
+        if ours {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr)).await
+            {
+                return;
+            }
         }
         tokio::time::sleep(interval).await;
     }
