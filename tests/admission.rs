@@ -358,3 +358,74 @@ async fn a_backoff_ends_with_one_trial_not_a_herd() {
     );
     lb.stop().await;
 }
+
+/// Every backend down, then one comes back: without active checks, the first connection after its
+/// back-off reaches it (one trial), and every client after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_was_down_traffic_flows_on_the_first_connection_after_the_backoff() {
+    use socket2::{Domain, Socket, Type};
+    // Two backends that are bound but do not listen yet: connects to them are refused.
+    let dead: Vec<Socket> = (0..2)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    let addrs: Vec<std::net::SocketAddr> = dead
+        .iter()
+        .map(|s| s.local_addr().unwrap().as_socket().unwrap())
+        .collect();
+    let backoff = Duration::from_millis(600);
+    let cfg = BalancerConfig::new(addrs.iter().map(|&a| BackendConfig::new(a)))
+        .health(PassiveHealth::new(1, backoff, Duration::from_secs(60)));
+    let lb = Running::start(cfg).await;
+    // A client finds both refusing: both go down, and the client is closed.
+    assert!(common::echo_roundtrip(lb.addr, Arc::new(b"x".to_vec()))
+        .await
+        .is_err());
+    lb.wait_for("both down", |s| s.iter().all(|b| !b.up)).await;
+    let down_at = Instant::now();
+
+    // One of them comes back.
+    dead[0].listen(128).unwrap();
+    dead[0].set_nonblocking(true).unwrap();
+    let listener = TcpListener::from_std(dead[0].try_clone().unwrap().into()).unwrap();
+    let _back = Backend::serve(listener, common::echo);
+    let came_back = Instant::now();
+    let first_ok = loop {
+        if common::echo_roundtrip(lb.addr, Arc::new(b"y".to_vec()))
+            .await
+            .is_ok_and(|got| got == b"y")
+        {
+            break Instant::now();
+        }
+        assert!(
+            came_back.elapsed() < Duration::from_secs(10),
+            "traffic never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let waited = first_ok - down_at;
+    eprintln!(
+        "first success {:?} after the backend came back, {waited:?} after it went down",
+        first_ok - came_back
+    );
+    assert!(
+        waited < backoff + Duration::from_millis(400),
+        "{waited:?}: traffic came back later than the first connection after the back-off"
+    );
+    for _ in 0..20 {
+        let got = common::echo_roundtrip(lb.addr, Arc::new(b"z".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(got, b"z");
+    }
+    lb.stop().await;
+}
