@@ -279,29 +279,11 @@ async fn backups_take_traffic_only_while_every_primary_is_down() {
     lb.stop().await;
 }
 
-/// A listener that accepts nothing and whose accept queue is full: SYNs to it are dropped, so connects
-/// to it time out (the same black hole as a `--syn -j DROP` rule, without a namespace).
-fn blackhole() -> (socket2::Socket, std::net::TcpStream, std::net::SocketAddr) {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(
-        &"127.0.0.1:0"
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-            .into(),
-    )
-    .unwrap();
-    s.listen(0).unwrap();
-    let addr = s.local_addr().unwrap().as_socket().unwrap();
-    let filler = std::net::TcpStream::connect(addr).unwrap();
-    (s, filler, addr)
-}
-
 /// After its back-off, a black-holed backend is tried by exactly one connection (the others go to the
 /// good backend at once), and judged again on that one alone: no herd pays the connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backoff_ends_with_one_trial_not_a_herd() {
-    let (_hole, _filler, hole) = blackhole();
+    let (_hole, _filler, hole) = common::blackhole();
     let good = Backend::echo().await;
     let cfg = BalancerConfig::new([BackendConfig::new(hole), BackendConfig::new(good.addr)])
         .connect_timeout(Duration::from_millis(500))

@@ -526,27 +526,9 @@ async fn all_backends_down_closes_clients_within_the_connect_budget_and_recovers
     lb.stop().await;
 }
 
-/// A listener that accepts nothing and whose accept queue is full: SYNs to it are dropped, so connects
-/// to it time out.
-fn blackhole() -> (socket2::Socket, std::net::TcpStream, std::net::SocketAddr) {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(
-        &"127.0.0.1:0"
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-            .into(),
-    )
-    .unwrap();
-    s.listen(0).unwrap();
-    let addr = s.local_addr().unwrap().as_socket().unwrap();
-    let filler = std::net::TcpStream::connect(addr).unwrap(); // fills the queue of one
-    (s, filler, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_times_out_is_retried_elsewhere_and_marked_down() {
-    let (_hole, _filler, hole_addr) = blackhole();
+    let (_hole, _filler, hole_addr) = common::blackhole();
     let good = Backend::echo().await;
     let cfg = config(&[hole_addr, good.addr])
         .connect_timeout(Duration::from_millis(200))

@@ -198,7 +198,18 @@ async fn start_running(
     ClusterHandle,
     tokio::task::JoinHandle<Result<(), ulb_tcp::cluster::ClusterError>>,
 ) {
-    let cluster = Cluster::new(config, worker_command(body)).unwrap();
+    start_running_command(config, worker_command(body)).await
+}
+
+/// Starts `config` running `command` and waits until every worker runs.
+async fn start_running_command(
+    config: ClusterConfig,
+    command: WorkerCommand,
+) -> (
+    ClusterHandle,
+    tokio::task::JoinHandle<Result<(), ulb_tcp::cluster::ClusterError>>,
+) {
+    let cluster = Cluster::new(config, command).unwrap();
     let handle = cluster.handle();
     let run = tokio::spawn(cluster.run(std::future::pending()));
     wait_for(
@@ -857,16 +868,7 @@ async fn a_worker_that_binds_late_never_sends_client_traffic_to_a_foreign_proces
         .base_port(base)
         .balancer(listen);
     let command = WorkerCommand::new(python()).args(["-c", &retrying, "{id}", "{port}", "0"]);
-    let cluster = Cluster::new(config, command).unwrap();
-    let handle = cluster.handle();
-    let run = tokio::spawn(cluster.run(std::future::pending()));
-    wait_for(
-        &handle,
-        Duration::from_secs(10),
-        "every worker running",
-        all_running,
-    )
-    .await;
+    let (handle, run) = start_running_command(config, command).await;
     let victim = handle.workers()[1].pid.unwrap();
     let _guard = KillPids(handle.workers().iter().filter_map(|w| w.pid).collect());
 

@@ -59,9 +59,23 @@ pub(super) fn listener_on(port: u16, pid: u32) -> Listener {
     }
 }
 
-/// The inodes of the sockets listening on `port`, on any address, IPv4 or IPv6.
+/// The inodes of the sockets listening on `port`, on any address, IPv4 or IPv6: from the kernel's socket
+/// diagnostics (netlink), which list only listening sockets however many connections the host has; from
+/// `/proc/net/tcp{,6}` (which lists every socket, thousands on a busy host) if netlink is not there.
 #[cfg(target_os = "linux")]
 fn listening_inodes(port: u16) -> HashSet<u64> {
+    match diag::listeners() {
+        Ok(listeners) => listeners
+            .into_iter()
+            .filter(|&(p, _)| p == port)
+            .map(|(_, inode)| inode)
+            .collect(),
+        Err(_) => proc_listening_inodes(port),
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn proc_listening_inodes(port: u16) -> HashSet<u64> {
     let mut inodes = HashSet::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -158,6 +172,138 @@ fn holder(_: &HashSet<u64>) -> Option<(u32, String)> {
     None
 }
 
+/// `NETLINK_SOCK_DIAG`: the listening TCP sockets of this network namespace, as `ss -lt` reads them.
+#[cfg(target_os = "linux")]
+mod diag {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct SockId {
+        sport: [u8; 2],
+        dport: [u8; 2],
+        src: [u32; 4],
+        dst: [u32; 4],
+        interface: u32,
+        cookie: [u32; 2],
+    }
+
+    #[repr(C)]
+    struct Request {
+        len: u32,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+        family: u8,
+        protocol: u8,
+        ext: u8,
+        pad: u8,
+        states: u32,
+        id: SockId,
+    }
+
+    /// The header of a message, and the start of an `inet_diag_msg` after it.
+    const HEADER: usize = 16;
+    /// Offsets in `inet_diag_msg`: the local port (big-endian), and the inode.
+    const SPORT: usize = 4;
+    const INODE: usize = 4 + 48 + 16;
+
+    /// Every listening TCP socket: (local port, inode).
+    pub(super) fn listeners() -> io::Result<Vec<(u16, u64)>> {
+        // SAFETY: socket(2) with constant arguments; the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_SOCK_DIAG,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by socket(2) and belongs to nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut found = Vec::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let request = Request {
+                len: std::mem::size_of::<Request>() as u32,
+                kind: SOCK_DIAG_BY_FAMILY,
+                flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+                seq: 1,
+                pid: 0,
+                family,
+                protocol: libc::IPPROTO_TCP as u8,
+                ext: 0,
+                pad: 0,
+                states: 1 << TCP_LISTEN,
+                id: SockId::default(),
+            };
+            // SAFETY: sends the bytes of `request`, a plain repr(C) struct that lives across the call,
+            // on a descriptor we own; the kernel's netlink address is the default (pid 0).
+            let sent = unsafe {
+                libc::send(
+                    fd.as_raw_fd(),
+                    (&request as *const Request).cast(),
+                    std::mem::size_of::<Request>(),
+                    0,
+                )
+            };
+            if sent < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            read_dump(&fd, &mut found)?;
+        }
+        Ok(found)
+    }
+
+    /// Reads one dump's answers until its end.
+    fn read_dump(fd: &OwnedFd, found: &mut Vec<(u16, u64)>) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which lives across the call.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut msg = &buf[..n as usize];
+            while msg.len() >= HEADER {
+                let len = u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize;
+                let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+                if len < HEADER || len > msg.len() {
+                    return Err(io::Error::other("a malformed sock_diag answer"));
+                }
+                match kind {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => return Err(io::Error::other("sock_diag refused the request")),
+                    _ => {
+                        let body = &msg[HEADER..len];
+                        if body.len() >= INODE + 4 {
+                            let port = u16::from_be_bytes([body[SPORT], body[SPORT + 1]]);
+                            let inode = u32::from_ne_bytes([
+                                body[INODE],
+                                body[INODE + 1],
+                                body[INODE + 2],
+                                body[INODE + 3],
+                            ]);
+                            found.push((port, u64::from(inode)));
+                        }
+                    }
+                }
+                // Messages are aligned to 4 bytes.
+                let next = (len + 3) & !3;
+                msg = &msg[next.min(msg.len())..];
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +316,31 @@ mod tests {
         let established = line.replace(" 0A ", " 01 ");
         assert_eq!(parse_listener(&established, 8080), None);
         assert_eq!(parse_listener("garbage", 8080), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn netlink_and_proc_see_the_same_listeners() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l6 = TcpListener::bind("[::1]:0").ok();
+        let port = l.local_addr().unwrap().port();
+        let from_netlink: HashSet<u64> = diag::listeners()
+            .unwrap()
+            .into_iter()
+            .filter(|&(p, _)| p == port)
+            .map(|(_, i)| i)
+            .collect();
+        assert_eq!(from_netlink.len(), 1);
+        assert_eq!(from_netlink, proc_listening_inodes(port));
+        if let Some(l6) = l6 {
+            let port6 = l6.local_addr().unwrap().port();
+            let six: Vec<_> = diag::listeners()
+                .unwrap()
+                .into_iter()
+                .filter(|&(p, _)| p == port6)
+                .collect();
+            assert_eq!(six.len(), 1, "the IPv6 listener is listed too");
+        }
     }
 
     #[cfg(target_os = "linux")]

@@ -97,6 +97,24 @@ pub fn refusing_addr() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// A listener that accepts nothing and whose accept queue is full: SYNs to it are dropped, so connects
+/// to it time out.
+pub fn blackhole() -> (socket2::Socket, std::net::TcpStream, std::net::SocketAddr) {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap(); // fills the queue of one
+    (s, filler, addr)
+}
+
 /// A balancer serving on 127.0.0.1:0; shut down and awaited by [`Running::stop`].
 pub struct Running {
     pub addr: SocketAddr,
