@@ -284,6 +284,81 @@ async fn backups_take_traffic_only_while_every_primary_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backoff_ends_with_one_trial_not_a_herd() {
     let (_hole, _filler, hole) = common::blackhole();
+    one_trial_after_the_backoff(hole).await;
+}
+
+/// The same with the black hole made by the kernel's firewall, as a real one is: in a network namespace
+/// of its own (`unshare -n`, loopback only), a listening backend whose SYNs `iptables --syn -j DROP`
+/// drops. The test runs itself again inside the namespace.
+#[test]
+fn a_backoff_ends_with_one_trial_through_an_iptables_black_hole() {
+    const INNER: &str = "ULB_TEST_IN_NETNS";
+    if std::env::var_os(INNER).is_some() {
+        return in_the_namespace();
+    }
+    let have = |tool: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !(root && have("unshare") && have("iptables") && have("ip")) {
+        eprintln!("skipped: needs root, unshare, ip and iptables (CI installs them)");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("unshare")
+        .arg("-n")
+        .arg(exe)
+        .args([
+            "--exact",
+            "a_backoff_ends_with_one_trial_through_an_iptables_black_hole",
+            "--nocapture",
+        ])
+        .env(INNER, "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(
+        out.status.success(),
+        "the run in the namespace failed: {text}"
+    );
+    assert!(text.contains("1 passed"), "{text}");
+}
+
+/// Inside the namespace: loopback up, a listening backend, and the rule that drops its SYNs.
+fn in_the_namespace() {
+    let run = |cmd: &str, args: &[&str]| {
+        let status = std::process::Command::new(cmd).args(args).status().unwrap();
+        assert!(status.success(), "{cmd} {args:?}: {status}");
+    };
+    run("ip", &["link", "set", "lo", "up"]);
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = hole.local_addr().unwrap();
+    let port = addr.port().to_string();
+    run(
+        "iptables",
+        &[
+            "-A", "INPUT", "-p", "tcp", "--dport", &port, "--syn", "-j", "DROP",
+        ],
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(one_trial_after_the_backoff(addr));
+    drop(hole);
+}
+
+/// A black hole at `hole` and a good backend: after the hole's back-off, one connection tries it, and no
+/// other client pays its connect timeout.
+async fn one_trial_after_the_backoff(hole: std::net::SocketAddr) {
     let good = Backend::echo().await;
     let cfg = BalancerConfig::new([BackendConfig::new(hole), BackendConfig::new(good.addr)])
         .connect_timeout(Duration::from_millis(500))
