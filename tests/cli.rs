@@ -845,3 +845,70 @@ async fn running_out_of_file_descriptors_neither_ends_nor_spins_the_server() {
         assert!(t0.elapsed() < Duration::from_secs(10), "never recovered");
     }
 }
+
+/// Running out of descriptors here is this host's fault, not the backend's: it is logged once a second
+/// at most, as such, and never marks the backend down or logs it as unreachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_is_never_blamed_on_the_backend() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("skipped: prlimit is not available");
+        return;
+    }
+    let backend = Backend::tagged(7).await;
+    let target = backend.addr.to_string();
+    let (mut lb, listen, log) = start_inner(
+        &["prlimit", "--nofile=48:48"],
+        &["--max-connections", "1000", "--backends", &target],
+        true,
+    )
+    .await;
+    let t0 = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        for _ in 0..40 {
+            if let Ok(c) = TcpStream::connect(listen).await {
+                clients.push(c);
+            }
+        }
+        let text = log.text();
+        if text.contains("out of descriptors or ports") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let elapsed = t0.elapsed();
+    drop(clients);
+    // It serves again at once: the backend was never taken out.
+    let t1 = Instant::now();
+    loop {
+        if let Ok(mut c) = TcpStream::connect(listen).await {
+            let mut b = [0u8; 1];
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await
+            {
+                assert_eq!(b[0], 7);
+                break;
+            }
+        }
+        assert!(t1.elapsed() < Duration::from_secs(10), "never recovered");
+    }
+    lb.0.kill().unwrap();
+    lb.0.wait().unwrap();
+    let text = log.text();
+    let local = text.matches("out of descriptors or ports").count();
+    assert!(local >= 1, "no connect ran out of descriptors: {text}");
+    let seconds = elapsed.as_secs() as usize + 2;
+    assert!(
+        local <= seconds,
+        "{local} lines in {elapsed:?}: not rate-limited\n{text}"
+    );
+    assert!(
+        !text.contains("backend is down"),
+        "the backend was blamed:\n{text}"
+    );
+    assert!(
+        !text.contains("no backend reachable"),
+        "logged as unreachable:\n{text}"
+    );
+    assert!(!text.contains("connect to backend failed"), "{text}");
+}
