@@ -115,6 +115,7 @@ pub const MAX_BOUND: usize = Semaphore::MAX_PERMITS;
 /// assert_eq!(PoolConfig::with_size(3).queue_bound, 12);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolConfig {
     /// Jobs running at once. Default: the number of CPUs (`std::thread::available_parallelism`, 1 if
     /// unknown).

@@ -107,6 +107,7 @@ pub const MAX_PROCESSES: usize = 4096;
 
 /// When and how often a worker that exits is restarted.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestartPolicy {
     /// Delay before the first restart (default 100 ms); it doubles with each crash.
     pub initial_backoff: Duration,
@@ -119,6 +120,22 @@ pub struct RestartPolicy {
     pub max_restarts: u32,
     /// See `max_restarts` (default 60 s).
     pub window: Duration,
+}
+
+impl RestartPolicy {
+    /// The same policy, giving a worker up after more than `max_restarts` crashes within `window`.
+    pub fn give_up_after(mut self, max_restarts: u32, window: Duration) -> Self {
+        self.max_restarts = max_restarts;
+        self.window = window;
+        self
+    }
+
+    /// The same policy with these restart delays: the first, and the longest it doubles up to.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max;
+        self
+    }
 }
 
 impl Default for RestartPolicy {
@@ -148,6 +165,7 @@ pub enum ReadyCheck {
 /// How a [`Cluster`] runs. Build it with [`ClusterConfig::new`] and the chained setters; every field is
 /// public too.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClusterConfig {
     /// Number of worker processes (default: the number of CPUs).
     pub processes: usize,
@@ -362,6 +380,7 @@ impl ClusterConfig {
 
 /// The program the workers run, and its arguments (`{id}` and `{port}` are replaced per worker).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerCommand {
     /// A path, or a name looked up on `PATH`.
     pub program: OsString,
@@ -639,6 +658,7 @@ impl std::fmt::Display for WorkerState {
 
 /// A point-in-time view of one worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerStatus {
     /// The worker's index.
     pub id: usize,

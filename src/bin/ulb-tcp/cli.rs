@@ -136,11 +136,9 @@ impl ClusterArgs {
             .drain_timeout(self.drain_timeout)
             .kill_timeout(self.kill_timeout)
             .replay_limit(self.replay_limit)
-            .restart(RestartPolicy {
-                max_restarts: self.max_restarts,
-                window: self.restart_window,
-                ..RestartPolicy::default()
-            });
+            .restart(
+                RestartPolicy::default().give_up_after(self.max_restarts, self.restart_window),
+            );
         if let Some(n) = self.processes {
             config = config.processes(n);
         }
