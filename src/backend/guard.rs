@@ -21,9 +21,14 @@ impl ActiveGuard {
     }
 
     /// Counts a connection on the backend a table just picked, if it takes it (see
-    /// [`Backend::claim`]): `None` when a trial connection is already under way, or its cap is reached.
-    pub(crate) fn claim(backend: Arc<Backend>) -> Option<Self> {
-        backend.claim().then_some(ActiveGuard { backend })
+    /// [`Backend::claim`]); the backend back when a trial connection is already under way, or its cap is
+    /// reached.
+    pub(crate) fn claim(backend: Arc<Backend>) -> Result<Self, Arc<Backend>> {
+        if backend.claim() {
+            Ok(ActiveGuard { backend })
+        } else {
+            Err(backend)
+        }
     }
 
     /// Counts the connection in the backend's totals, once its connect has succeeded.

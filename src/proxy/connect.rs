@@ -61,9 +61,12 @@ pub(crate) async fn connect(
             break;
         };
         // The guard counts the connect in progress as load, so least-connections sees it at once.
-        let Some(guard) = ActiveGuard::claim(backend.clone()) else {
-            passed_over.push(backend);
-            continue;
+        let guard = match ActiveGuard::claim(backend) {
+            Ok(guard) => guard,
+            Err(backend) => {
+                passed_over.push(backend);
+                continue;
+            }
         };
         drop(queued.take());
         attempts += 1;
