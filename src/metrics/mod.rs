@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 
-pub(crate) use handles::{BackendMetrics, GlobalMetrics};
+pub(crate) use handles::{BackendMetrics, CheckMetrics, GlobalMetrics};
 
 /// Connections handed to a backend (successful connects), by `backend`.
 pub const CONNECTIONS_TOTAL: &str = "ulb_connections_total";
@@ -48,6 +48,12 @@ pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
 pub const QUEUE_LENGTH: &str = "ulb_queue_length";
 /// How long clients waited in the queue, served or not (histogram, seconds).
 pub const QUEUE_WAIT_SECONDS: &str = "ulb_queue_wait_seconds";
+/// Time one active health check of a backend took, passed or not, by `backend` (histogram, seconds).
+pub const CHECK_DURATION_SECONDS: &str = "ulb_check_duration_seconds";
+/// Active health checks that failed, by `backend` and `reason`: `refused` (the connect was refused),
+/// `timeout` (no connect, or no full reply, within the check timeout), `unexpected` (a reply or an HTTP
+/// status that does not pass, or the backend closed before one) and `other` (any other error).
+pub const CHECK_FAILURES_TOTAL: &str = "ulb_check_failures_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "ulb_build_info";
 
@@ -92,6 +98,34 @@ impl ConnectFailure {
     }
 }
 
+/// Why an active health check failed (the `reason` label of [`CHECK_FAILURES_TOTAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CheckFailure {
+    Refused,
+    Timeout,
+    /// A reply, or an HTTP status, that does not pass; or closed before one.
+    Unexpected,
+    Other,
+}
+
+impl CheckFailure {
+    pub(crate) const ALL: [CheckFailure; 4] = [
+        CheckFailure::Refused,
+        CheckFailure::Timeout,
+        CheckFailure::Unexpected,
+        CheckFailure::Other,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CheckFailure::Refused => "refused",
+            CheckFailure::Timeout => "timeout",
+            CheckFailure::Unexpected => "unexpected",
+            CheckFailure::Other => "other",
+        }
+    }
+}
+
 /// Describes every metric to the installed recorder (HELP lines) and sets `ulb_build_info`.
 pub fn describe() {
     describe_counter!(CONNECTIONS_TOTAL, "Connections handed to a backend.");
@@ -119,6 +153,15 @@ pub fn describe() {
     describe_counter!(
         BACKEND_STATE_CHANGES_TOTAL,
         "Changes of a backend's health, by the state it went to."
+    );
+    describe_histogram!(
+        CHECK_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time one active health check took."
+    );
+    describe_counter!(
+        CHECK_FAILURES_TOTAL,
+        "Active health checks that failed, by reason."
     );
     describe_counter!(NO_BACKEND_TOTAL, "Picks that found no usable backend.");
     describe_counter!(ACCEPT_ERRORS_TOTAL, "Errors returned by accept().");
@@ -165,6 +208,12 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
             b.set_buckets_for_metric(
                 Matcher::Full(CONNECTION_DURATION_SECONDS.into()),
                 CONNECTION_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(CHECK_DURATION_SECONDS.into()),
+                CONNECT_BUCKETS,
             )
         })
         .and_then(|b| b.set_buckets_for_metric(Matcher::Prefix(POOL_PREFIX.into()), POOL_BUCKETS))
