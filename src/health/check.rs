@@ -260,8 +260,16 @@ impl HealthCheck {
                 ));
             }
         }
-        if self.port == Some(0) {
-            return Err(ConfigError::out_of_range("check.port", 0, "1..=65535"));
+        match self.port {
+            Some(0) => return Err(ConfigError::out_of_range("check.port", 0, "1..=65535")),
+            Some(port) if !self.is_on() => {
+                return Err(ConfigError::Unsupported {
+                    field: "check.port",
+                    value: port.to_string(),
+                    why: "is only used when checks are on",
+                })
+            }
+            _ => {}
         }
         if self.send.len() > MAX_CHECK_PAYLOAD {
             return Err(ConfigError::out_of_range(
@@ -280,11 +288,11 @@ impl HealthCheck {
         let send_expect = self.mode == CheckMode::SendExpect;
         let http = self.mode == CheckMode::Http;
         if send_expect && self.expect.is_empty() {
-            return Err(ConfigError::out_of_range(
-                "check.expect",
-                "\"\"",
-                "1 byte to 16 KiB: the send-expect mode needs the bytes to expect",
-            ));
+            return Err(ConfigError::Unsupported {
+                field: "check.expect",
+                value: String::new(),
+                why: "must not be empty in the send-expect mode",
+            });
         }
         let misplaced = [
             ("check.send", !self.send.is_empty()),
@@ -318,11 +326,12 @@ impl HealthCheck {
                 || path.len() > MAX_HTTP_FIELD
                 || path.chars().any(|c| c.is_whitespace() || c.is_control());
             if bad {
-                return Err(ConfigError::out_of_range(
-                    "check.path",
-                    quoted(path.as_bytes()),
-                    "starts with '/', at most 4 KiB, no spaces or control characters",
-                ));
+                return Err(ConfigError::Unsupported {
+                    field: "check.path",
+                    value: escape(path.as_bytes()),
+                    why:
+                        "must start with '/', without spaces or control characters (at most 4 KiB)",
+                });
             }
         }
         if let Some(host) = &self.host {
@@ -333,11 +342,11 @@ impl HealthCheck {
                 || host.len() > MAX_HTTP_FIELD
                 || host.chars().any(|c| c.is_whitespace() || c.is_control());
             if bad {
-                return Err(ConfigError::out_of_range(
-                    "check.host",
-                    quoted(host.as_bytes()),
-                    "1 byte to 4 KiB, no spaces or control characters",
-                ));
+                return Err(ConfigError::Unsupported {
+                    field: "check.host",
+                    value: escape(host.as_bytes()),
+                    why: "must be 1 byte to 4 KiB, without spaces or control characters",
+                });
             }
         }
         if let Some(status) = self.status {
@@ -459,14 +468,18 @@ mod tests {
         assert!(err(HealthCheck::connect().port(0)).starts_with("check.port 0"));
         assert!(err(HealthCheck::send_expect(vec![b'x'; 16385], "+")).starts_with("check.send"));
         assert!(err(HealthCheck::send_expect("", vec![b'x'; 16385])).starts_with("check.expect"));
-        assert!(err(HealthCheck::send_expect("PING\r\n", "")).starts_with("check.expect \"\""));
+        assert_eq!(
+            err(HealthCheck::send_expect("PING\r\n", "")),
+            "check.expect '' must not be empty in the send-expect mode"
+        );
         assert!(HealthCheck::send_expect("", "220 ").validate().is_ok());
         assert_eq!(
             err(HealthCheck::connect().send("PING")),
             "check.send 'PING' is only used by the send-expect mode"
         );
         assert!(err(HealthCheck::connect().contains(true)).starts_with("check.contains"));
-        assert!(err(HealthCheck::http("healthz")).starts_with("check.path \"healthz\""));
+        assert!(err(HealthCheck::http("healthz")).starts_with("check.path 'healthz' must start"));
+        assert!(err(HealthCheck::connect().mode(CheckMode::None).port(1)).starts_with("check.port"));
         assert!(err(HealthCheck::http("/a b")).starts_with("check.path"));
         assert!(err(HealthCheck::connect().path("/")).contains("only used by the http mode"));
         assert!(err(HealthCheck::http("/").host("a\r\nX: y")).starts_with("check.host"));
