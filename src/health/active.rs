@@ -4,9 +4,9 @@
 //! Scheduling. Each backend's first check runs within `min(interval, 250ms)` of the start, the backends
 //! spread over that window, so a healthy pool serves at once. Its second check comes at a phase of its
 //! own within the next interval (the backends spread over it), and every later one an interval (± 10 %
-//! jitter) after the start of the one before: checks never run in lockstep across backends. A backend in
-//! transition (some passes while down, or some failures while up) is checked four times as often
-//! (HAProxy's `fastinter`).
+//! jitter) after the end of the one before: checks never run in lockstep across backends. A backend in
+//! transition (some passes while down, or some failures while up) waits a quarter of the interval
+//! instead (HAProxy's `fastinter`).
 //!
 //! Verdicts. A backend that is up goes down after `fall` failures in a row; one that is down comes back
 //! after `rise` passes in a row, however it went down (passive failures take it down at once). A backend
@@ -270,8 +270,12 @@ async fn watch(
         } else {
             check.interval
         };
-        next = second.take().unwrap_or_else(|| started + jittered(wait));
-        next = next.max(Instant::now());
+        // From the end of this check, as HAProxy does: a backend that takes the whole timeout to fail
+        // still gets its pause between checks, and `rise` passes are spread over time.
+        next = second
+            .take()
+            .unwrap_or_else(|| Instant::now() + jittered(wait))
+            .max(Instant::now());
     }
 }
 

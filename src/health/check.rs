@@ -92,7 +92,8 @@ impl std::str::FromStr for CheckMode {
 pub struct HealthCheck {
     /// What a check does (default [`CheckMode::Connect`]).
     pub mode: CheckMode,
-    /// Between the starts of two checks of a backend, ± 10 % (default 2 s; 1 ms to 24 days).
+    /// From the end of one check of a backend to the start of the next, ± 10 % (default 2 s; 1 ms to
+    /// 24 days); a quarter of it while the backend is in transition.
     pub interval: Duration,
     /// One check, connect included, must pass within this (default 1 s; 1 ms to 24 days).
     pub timeout: Duration,
