@@ -29,7 +29,8 @@ pub const CONNECT_ERRORS_TOTAL: &str = "ulb_connect_errors_total";
 pub const CONNECT_DURATION_SECONDS: &str = "ulb_connect_duration_seconds";
 /// Lifetime of proxied connections (histogram, seconds).
 pub const CONNECTION_DURATION_SECONDS: &str = "ulb_connection_duration_seconds";
-/// 1 while a backend is in rotation, 0 while passive health holds it down, by `backend`.
+/// 1 while a backend is in rotation, 0 while passive health or active checks hold it down (or it is out
+/// of rotation), by `backend`.
 pub const BACKEND_UP: &str = "ulb_backend_up";
 /// Changes of a backend's health, by `backend` and `to` (`up`, `down`).
 pub const BACKEND_STATE_CHANGES_TOTAL: &str = "ulb_backend_state_changes_total";
