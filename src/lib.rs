@@ -28,7 +28,9 @@
 //! * [`backend`]: one live state object per backend id (active connections, totals, bytes, health,
 //!   weights, admin state), the guard that holds a connection's count, the registry that applies changes
 //!   and publishes a new snapshot after each, and the event stream.
-//! * [`health`]: how a backend is judged down (passive: failed connects, with a doubling back-off).
+//! * [`health`]: how a backend is judged down: passive (failed connects, with a doubling back-off) and,
+//!   when configured, active checks ([`HealthCheck`]: `connect`, `send-expect`, `http`), run from one
+//!   place per balancer by the server's background work and written into each backend's state.
 //! * [`config`]: the validated [`BalancerConfig`] with its documented ranges, and [`BackendSpec`], the
 //!   `HOST:PORT@WEIGHT` form of the command line.
 //! * [`metrics`]: metric names, the Prometheus exporter, and handles registered once per backend.
@@ -37,7 +39,9 @@
 //! * [`pool`] (feature `pool`): CPU-heavy closures on Tokio's blocking threads behind bounded semaphores.
 //!
 //! Imports go one way: `server` → `proxy` → `backend` → `config` → `balance`, `health` → `metrics`, and
-//! `cluster` uses only the public API of the others.
+//! `cluster` uses only the public API of the others. The one exception is the active checker
+//! (`health::active`), which the server starts and which reads the registry's members and writes its
+//! verdicts into their state.
 //!
 //! # Features
 //!
@@ -114,6 +118,7 @@ pub use balance::{Strategy, UnknownStrategy};
 pub use config::{
     BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
 };
+pub use health::{CheckMode, HealthCheck, OnDown};
 #[cfg(target_os = "linux")]
 pub use server::PerCoreListeners;
 pub use server::{bind, BalancerHandle, Drain, ShutdownReport, TcpBalancer, MAX_THREADS};

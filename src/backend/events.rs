@@ -127,4 +127,13 @@ impl BackendEvents {
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }
+
+    /// The next event if one is waiting; `None` when none is (or the balancer is gone).
+    pub(crate) fn try_recv(&mut self) -> Option<Result<BackendEvent, EventsLagged>> {
+        match self.0.try_recv() {
+            Ok(e) => Some(Ok(e)),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(EventsLagged(n))),
+            Err(_) => None,
+        }
+    }
 }

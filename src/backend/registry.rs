@@ -209,6 +209,11 @@ impl Registry {
             .collect()
     }
 
+    /// The members now, in configuration order (not those draining after removal).
+    pub(crate) fn backends(&self) -> Vec<Arc<Backend>> {
+        self.members().list.clone()
+    }
+
     /// The backend with this id: a member, or else one still draining after removal.
     pub(crate) fn find(&self, id: &str) -> Option<Arc<Backend>> {
         let members = self.members();

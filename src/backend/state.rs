@@ -187,6 +187,11 @@ impl Backend {
         self.health.load(Relaxed) == 0 && (until == 0 || until <= now_ms())
     }
 
+    /// True while its checks (or, under checks, passive failures) hold it down.
+    pub(crate) fn is_checked_down(&self) -> bool {
+        self.health.load(Relaxed) & CHECKED_DOWN != 0
+    }
+
     /// The per-backend cap, if any.
     pub(crate) fn cap(&self) -> Option<u32> {
         let cap = self.cap.load(Relaxed);

@@ -41,7 +41,8 @@ pub struct BackendStats {
     pub bytes_to_backend: u64,
     /// Bytes carried from it to clients.
     pub bytes_to_client: u64,
-    /// False while it is inside a passive-health back-off.
+    /// False while it is inside a passive-health back-off, or while active checks hold it down (with
+    /// checks on, from the start until its first check passes).
     pub up: bool,
     /// How long the back-off still runs, when down.
     pub down_for: Option<Duration>,

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::balance::Strategy;
-pub use crate::health::{OnDown, PassiveHealth};
+pub use crate::health::{CheckMode, HealthCheck, OnDown, PassiveHealth};
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
 pub use error::ConfigError;
 
@@ -201,6 +201,9 @@ pub struct BalancerConfig {
     pub max_queue: usize,
     /// How long a client may wait in that queue before it is closed (default 5 s).
     pub queue_timeout: Duration,
+    /// Active health checks (default `None`: passive health alone). With checks on (any mode but
+    /// [`CheckMode::None`]) a backend starts down until its first check passes; see [`HealthCheck`].
+    pub check: Option<HealthCheck>,
 }
 
 impl BalancerConfig {
@@ -225,6 +228,7 @@ impl BalancerConfig {
             on_down: OnDown::Keep,
             max_queue: 10_000,
             queue_timeout: Duration::from_secs(5),
+            check: None,
         }
     }
 
@@ -311,6 +315,17 @@ impl BalancerConfig {
         self
     }
 
+    /// Turns active health checks on (see [`HealthCheck`]; [`CheckMode::None`] leaves them off).
+    pub fn check(mut self, check: HealthCheck) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    /// True when active checks decide the backends' health.
+    pub fn is_checked(&self) -> bool {
+        self.check.as_ref().is_some_and(HealthCheck::is_on)
+    }
+
     /// Checks every value against its documented range; the error names the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.backends.is_empty() {
@@ -387,6 +402,9 @@ impl BalancerConfig {
                 self.replay_limit,
                 "0 to 16 MiB",
             ));
+        }
+        if let Some(check) = &self.check {
+            check.validate()?;
         }
         if self.copy_mode == CopyMode::Splice && !cfg!(target_os = "linux") {
             return Err(ConfigError::Unsupported {

@@ -3,14 +3,25 @@
 //! * [`passive`]: connect failures seen by real connections take a backend out, for a back-off that
 //!   doubles while it keeps failing; when the back-off ends, one connection tries it (a half-open trial),
 //!   not every connection at once.
+//! * Active checks ([`HealthCheck`], [`CheckMode`]), when configured: `active` schedules one check task
+//!   per backend (rise/fall, jitter, a faster pace in transition) from one place per balancer, and
+//!   follows the registry as backends come and go; `probe` runs one check of one address (`connect`,
+//!   `send-expect`, `http`). With checks on, a backend starts down until its first check passes, and
+//!   passive failures take it down until `rise` checks pass again.
 //!
 //! The verdicts are written into the backend's live state (`crate::backend`), which every table snapshot
 //! reads, so a health change needs no rebuild.
 
+pub(crate) mod active;
+mod check;
 pub mod passive;
+mod probe;
 
 use std::time::Duration;
 
+pub use check::{
+    escape, unescape, CheckMode, HealthCheck, MAX_CHECK_PAYLOAD, MAX_HTTP_FIELD, MAX_RISE_FALL,
+};
 pub use passive::PassiveHealth;
 
 /// What happens to the connections open on a backend when it is marked down.

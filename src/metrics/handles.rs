@@ -5,12 +5,12 @@ use std::time::Duration;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 
 use super::{
-    ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_STATE_CHANGES_TOTAL, BACKEND_UP, BACKEND_WEIGHT,
-    BYTES_TOTAL, CONNECTIONS_ACTIVE, CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL,
-    CONNECTION_DURATION_SECONDS, CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL,
-    DIRECTION_BACKEND_TO_CLIENT, DIRECTION_CLIENT_TO_BACKEND, FALLBACK_MAX_PIPES,
-    FALLBACK_PIPE_FAILED, NO_BACKEND_TOTAL, QUEUE_LENGTH, QUEUE_WAIT_SECONDS,
-    SPLICE_FALLBACKS_TOTAL,
+    CheckFailure, ConnectFailure, ACCEPT_ERRORS_TOTAL, BACKEND_STATE_CHANGES_TOTAL, BACKEND_UP,
+    BACKEND_WEIGHT, BYTES_TOTAL, CHECK_DURATION_SECONDS, CHECK_FAILURES_TOTAL, CONNECTIONS_ACTIVE,
+    CONNECTIONS_REJECTED_TOTAL, CONNECTIONS_TOTAL, CONNECTION_DURATION_SECONDS,
+    CONNECT_DURATION_SECONDS, CONNECT_ERRORS_TOTAL, DIRECTION_BACKEND_TO_CLIENT,
+    DIRECTION_CLIENT_TO_BACKEND, FALLBACK_MAX_PIPES, FALLBACK_PIPE_FAILED, NO_BACKEND_TOTAL,
+    QUEUE_LENGTH, QUEUE_WAIT_SECONDS, SPLICE_FALLBACKS_TOTAL,
 };
 
 /// Per-backend handles, registered once.
@@ -99,6 +99,40 @@ impl BackendMetrics {
     }
     pub(crate) fn set_weight(&self, w: u32) {
         self.weight.set(f64::from(w));
+    }
+}
+
+/// Per-backend handles of its active health checks, registered once per backend checked.
+#[derive(Debug)]
+pub(crate) struct CheckMetrics {
+    duration: Histogram,
+    /// By [`CheckFailure`], in the order of [`CheckFailure::ALL`].
+    failures: [Counter; 4],
+}
+
+impl CheckMetrics {
+    pub(crate) fn register(backend: &str) -> Self {
+        let failures = CheckFailure::ALL.map(|reason| {
+            counter!(
+                CHECK_FAILURES_TOTAL,
+                &[
+                    ("backend", backend.to_string()),
+                    ("reason", reason.as_str().to_string())
+                ]
+            )
+        });
+        CheckMetrics {
+            duration: histogram!(CHECK_DURATION_SECONDS, &[("backend", backend.to_string())]),
+            failures,
+        }
+    }
+
+    /// One check, which took `took`, and why it failed, if it did.
+    pub(crate) fn checked(&self, took: Duration, failure: Option<CheckFailure>) {
+        self.duration.record(took.as_secs_f64());
+        if let Some(f) = failure {
+            self.failures[f as usize].increment(1);
+        }
     }
 }
 

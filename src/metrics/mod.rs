@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 
-pub(crate) use handles::{BackendMetrics, GlobalMetrics};
+pub(crate) use handles::{BackendMetrics, CheckMetrics, GlobalMetrics};
 
 /// Connections handed to a backend (successful connects), by `backend`.
 pub const CONNECTIONS_TOTAL: &str = "ulb_connections_total";
@@ -34,7 +34,8 @@ pub const CONNECT_ERRORS_TOTAL: &str = "ulb_connect_errors_total";
 pub const CONNECT_DURATION_SECONDS: &str = "ulb_connect_duration_seconds";
 /// Lifetime of proxied connections (histogram, seconds).
 pub const CONNECTION_DURATION_SECONDS: &str = "ulb_connection_duration_seconds";
-/// 1 while a backend is in rotation, 0 while passive health holds it down, by `backend`.
+/// 1 while a backend is in rotation, 0 while passive health or active checks hold it down (or it is out
+/// of rotation), by `backend`.
 pub const BACKEND_UP: &str = "ulb_backend_up";
 /// Changes of a backend's health, by `backend` and `to` (`up`, `down`).
 pub const BACKEND_STATE_CHANGES_TOTAL: &str = "ulb_backend_state_changes_total";
@@ -62,6 +63,12 @@ pub const SPLICE_FALLBACKS_TOTAL: &str = "ulb_splice_fallbacks_total";
 pub const FALLBACK_MAX_PIPES: &str = "max_pipes";
 /// See [`FALLBACK_MAX_PIPES`]: `pipe2` failed.
 pub const FALLBACK_PIPE_FAILED: &str = "pipe_failed";
+/// Time one active health check of a backend took, passed or not, by `backend` (histogram, seconds).
+pub const CHECK_DURATION_SECONDS: &str = "ulb_check_duration_seconds";
+/// Active health checks that failed, by `backend` and `reason`: `refused` (the connect was refused),
+/// `timeout` (no connect, or no full reply, within the check timeout), `unexpected` (a reply or an HTTP
+/// status that does not pass, or the backend closed before one) and `other` (any other error).
+pub const CHECK_FAILURES_TOTAL: &str = "ulb_check_failures_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "ulb_build_info";
 
@@ -106,6 +113,34 @@ impl ConnectFailure {
     }
 }
 
+/// Why an active health check failed (the `reason` label of [`CHECK_FAILURES_TOTAL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CheckFailure {
+    Refused,
+    Timeout,
+    /// A reply, or an HTTP status, that does not pass; or closed before one.
+    Unexpected,
+    Other,
+}
+
+impl CheckFailure {
+    pub(crate) const ALL: [CheckFailure; 4] = [
+        CheckFailure::Refused,
+        CheckFailure::Timeout,
+        CheckFailure::Unexpected,
+        CheckFailure::Other,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CheckFailure::Refused => "refused",
+            CheckFailure::Timeout => "timeout",
+            CheckFailure::Unexpected => "unexpected",
+            CheckFailure::Other => "other",
+        }
+    }
+}
+
 /// Describes every metric to the installed recorder (HELP lines) and sets `ulb_build_info`.
 pub fn describe() {
     describe_counter!(CONNECTIONS_TOTAL, "Connections handed to a backend.");
@@ -133,6 +168,15 @@ pub fn describe() {
     describe_counter!(
         BACKEND_STATE_CHANGES_TOTAL,
         "Changes of a backend's health, by the state it went to."
+    );
+    describe_histogram!(
+        CHECK_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time one active health check took."
+    );
+    describe_counter!(
+        CHECK_FAILURES_TOTAL,
+        "Active health checks that failed, by reason."
     );
     describe_counter!(NO_BACKEND_TOTAL, "Picks that found no usable backend.");
     describe_counter!(ACCEPT_ERRORS_TOTAL, "Errors returned by accept().");
@@ -183,6 +227,12 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
             b.set_buckets_for_metric(
                 Matcher::Full(CONNECTION_DURATION_SECONDS.into()),
                 CONNECTION_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(CHECK_DURATION_SECONDS.into()),
+                CONNECT_BUCKETS,
             )
         })
         .and_then(|b| b.set_buckets_for_metric(Matcher::Prefix(POOL_PREFIX.into()), POOL_BUCKETS))

@@ -115,7 +115,7 @@ impl TcpBalancer {
                 .saturating_add(Duration::from_secs(1)),
             slow_start: config.slow_start,
             on_down: config.on_down,
-            checked: false,
+            checked: config.is_checked(),
         };
         let registry = Registry::new(
             config.strategy,

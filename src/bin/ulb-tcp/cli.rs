@@ -9,7 +9,8 @@ use std::ffi::OsString;
 use clap::{Parser, ValueEnum};
 use ulb_tcp::cluster::{ClusterConfig, ClusterError, RestartPolicy, WorkerCommand, MAX_PROCESSES};
 use ulb_tcp::{
-    BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth, Strategy, MAX_THREADS,
+    BackendSpec, BalancerConfig, CheckMode, ConfigError, CopyMode, HealthCheck, OnDown,
+    PassiveHealth, Strategy, MAX_THREADS,
 };
 
 const EXAMPLES: &str = "\
@@ -293,6 +294,115 @@ pub struct BalancerArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    // Active health checks: --check and the flags that tune it, then --on-down.
+    /// Active health checks, run from one place for the whole balancer: `connect` (a TCP connect within
+    /// --check-timeout passes), `send-expect` (write --check-send, then the reply must start with
+    /// --check-expect), `http` (GET --check-path; a 2xx or 3xx status passes) or `none` (passive health
+    /// only). With checks on, a backend takes connections once its first check passes.
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    pub check: CheckMode,
+
+    /// send-expect: the bytes to write, with the escapes \r \n \t \\ and \xHH (for example
+    /// 'PING\r\n'). May be left out, for servers that speak first.
+    #[arg(long, value_name = "STR", value_parser = parse_escaped, allow_hyphen_values = true)]
+    pub check_send: Option<Escaped>,
+
+    /// send-expect: the bytes the reply must start with (same escapes; for example '+PONG').
+    #[arg(long, value_name = "STR", value_parser = parse_escaped, allow_hyphen_values = true)]
+    pub check_expect: Option<Escaped>,
+
+    /// send-expect: the reply must contain --check-expect anywhere (in its first 64 KiB), not only at
+    /// its start.
+    #[arg(long)]
+    pub check_contains: bool,
+
+    /// http: the path to ask for (it starts with '/'). Default: /.
+    #[arg(long, value_name = "PATH")]
+    pub check_path: Option<String>,
+
+    /// http: the Host header. Default: the address checked (IP:PORT).
+    #[arg(long, value_name = "HOST")]
+    pub check_host: Option<String>,
+
+    /// http: the one status that passes (100-599). Default: any 2xx or 3xx.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub check_status: Option<u16>,
+
+    /// Check this port of each backend's host instead of the backend's own port.
+    #[arg(long, value_name = "PORT", allow_hyphen_values = true)]
+    pub check_port: Option<u16>,
+
+    /// Between two checks of a backend (± 10 %; a quarter of it while a backend is changing state).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub check_interval: Duration,
+
+    /// One check, connect included, must pass within this.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub check_timeout: Duration,
+
+    /// Passing checks in a row that bring a backend that is down back (1-1000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2,
+        allow_hyphen_values = true
+    )]
+    pub rise: u32,
+
+    /// Failing checks in a row that take a backend that is up down (1-1000).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        allow_hyphen_values = true
+    )]
+    pub fall: u32,
+
+    /// What a backend marked down (by checks or passive health) means for its open connections: `keep`
+    /// (they carry on) or `cut` (they are reset at once).
+    #[arg(long, value_name = "WHAT", default_value = "keep")]
+    pub on_down: OnDown,
+}
+
+/// Bytes given with escapes (`--check-send`, `--check-expect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Escaped(pub Vec<u8>);
+
+/// Parses `PING\r\n`, `\x00\x00\x00\x08`, ... (see [`ulb_tcp::health::unescape`]).
+pub fn parse_escaped(s: &str) -> Result<Escaped, String> {
+    ulb_tcp::health::unescape(s).map(Escaped)
+}
+
+impl BalancerArgs {
+    /// The active health checks the flags ask for (mode `none`: off); not yet validated.
+    pub fn health_check(&self) -> HealthCheck {
+        let mut check = HealthCheck::new(self.check)
+            .interval(self.check_interval)
+            .timeout(self.check_timeout)
+            .rise(self.rise)
+            .fall(self.fall)
+            .contains(self.check_contains);
+        if let Some(Escaped(bytes)) = &self.check_send {
+            check = check.send(bytes.clone());
+        }
+        if let Some(Escaped(bytes)) = &self.check_expect {
+            check = check.expect(bytes.clone());
+        }
+        if let Some(path) = &self.check_path {
+            check = check.path(path.clone());
+        }
+        if let Some(host) = &self.check_host {
+            check = check.host(host.clone());
+        }
+        if let Some(status) = self.check_status {
+            check = check.status(status);
+        }
+        if let Some(port) = self.check_port {
+            check = check.port(port);
+        }
+        check
+    }
 }
 
 /// `--runtime` values.
@@ -407,6 +517,7 @@ impl BalancerArgs {
     /// Resolves the backends and builds the validated configuration.
     /// `fd_limit` is the process's open-file limit, for the default connection limit.
     pub async fn into_config(self, fd_limit: Option<u64>) -> Result<BalancerConfig, ConfigError> {
+        let check = self.health_check();
         if let Some(cap) = self.backend_max_connections {
             let max = ulb_tcp::config::MAX_CONNECTIONS;
             if cap == 0 || cap as usize > max {
@@ -450,6 +561,8 @@ impl BalancerArgs {
             .copy_mode(self.copy_mode)
             .buffer_size(self.buffer_size)
             .replay_limit(self.replay_limit)
+            .check(check)
+            .on_down(self.on_down)
             .health(PassiveHealth::new(
                 self.fail_threshold,
                 self.down_backoff,
@@ -514,6 +627,17 @@ const FLAGS: &[(&str, &str)] = &[
     ("queue_timeout", "--queue-timeout"),
     ("max_queue", "--max-queue"),
     ("backend_max_connections", "--backend-max-connections"),
+    ("check.interval", "--check-interval"),
+    ("check.timeout", "--check-timeout"),
+    ("check.rise", "--rise"),
+    ("check.fall", "--fall"),
+    ("check.port", "--check-port"),
+    ("check.send", "--check-send"),
+    ("check.expect", "--check-expect"),
+    ("check.contains", "--check-contains"),
+    ("check.path", "--check-path"),
+    ("check.host", "--check-host"),
+    ("check.status", "--check-status"),
 ];
 
 /// A configuration error in the command's words, on one line: a field is named by the flag that sets
@@ -540,6 +664,7 @@ pub fn in_flag_words(e: &ConfigError) -> String {
             None => e.to_string(),
         },
         ConfigError::Unsupported { field, value, why } => match flag(field) {
+            Some(flag) if value.is_empty() => format!("{flag} {why}"),
             Some(flag) => format!("{flag} {value} {why}"),
             None => e.to_string(),
         },
@@ -768,6 +893,102 @@ mod tests {
         assert_eq!(default_max_pipes(Some(48), 1000), 0);
         assert_eq!(default_max_pipes(Some(1 << 40), 100_000), 100_000);
         assert_eq!(default_max_pipes(None, 10_000), 4096);
+    }
+
+    #[test]
+    fn check_flags_make_the_health_check() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["ulb-tcp", "--backends", "127.0.0.1:1"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).map(|cli| cli.balancer)
+        };
+        let off = parse(&[]).unwrap();
+        assert_eq!(off.health_check().mode, CheckMode::None);
+        assert_eq!(off.on_down, OnDown::Keep);
+        let redis = parse(&[
+            "--check",
+            "send-expect",
+            "--check-send",
+            r"PING\r\n",
+            "--check-expect",
+            "+PONG",
+            "--check-interval",
+            "250ms",
+            "--rise",
+            "1",
+            "--on-down",
+            "cut",
+        ])
+        .unwrap();
+        let c = redis.health_check();
+        assert_eq!(
+            (c.mode, c.send.as_slice()),
+            (CheckMode::SendExpect, &b"PING\r\n"[..])
+        );
+        assert_eq!((c.expect.as_slice(), c.rise, c.fall), (&b"+PONG"[..], 1, 3));
+        assert_eq!(c.interval, Duration::from_millis(250));
+        assert_eq!(c.timeout, Duration::from_secs(1));
+        assert_eq!(redis.on_down, OnDown::Cut);
+        assert!(c.validate().is_ok());
+        let pg = parse(&[
+            "--check",
+            "send-expect",
+            "--check-send",
+            r"\x00\x00\x00\x08\x04\xd2\x16\x2f",
+            "--check-expect",
+            "N",
+        ])
+        .unwrap();
+        assert_eq!(pg.health_check().send, [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]);
+        let http = parse(&[
+            "--check",
+            "http",
+            "--check-path",
+            "/healthz",
+            "--check-status",
+            "204",
+            "--check-port",
+            "8080",
+        ])
+        .unwrap();
+        let c = http.health_check();
+        assert_eq!(
+            (c.path.as_deref(), c.status, c.port),
+            (Some("/healthz"), Some(204), Some(8080))
+        );
+        // Errors name the flag and the value.
+        let e = parse(&["--check", "ping"]).unwrap_err().to_string();
+        assert!(e.contains("--check") && e.contains("'ping'"), "{e}");
+        let e = parse(&["--check", "send-expect", "--check-send", r"PING\q"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--check-send") && e.contains(r"PING\q") && e.contains(r"'\q'"),
+            "{e}"
+        );
+        let words = |extra: &[&str]| {
+            in_flag_words(&parse(extra).unwrap().health_check().validate().unwrap_err())
+        };
+        assert_eq!(
+            words(&["--check", "connect", "--rise", "0"]),
+            "--rise 0 is out of range (1..=1000)"
+        );
+        assert_eq!(
+            words(&["--check", "http", "--check-path", "healthz"]),
+            "--check-path healthz must start with '/', without spaces or control characters (at most 4 KiB)"
+        );
+        assert_eq!(
+            words(&["--check-send", "PING"]),
+            "--check-send PING is only used by the send-expect mode"
+        );
+        assert_eq!(
+            words(&["--check", "send-expect", "--check-send", "PING"]),
+            "--check-expect must not be empty in the send-expect mode"
+        );
+        assert!(words(&["--check", "http", "--check-status", "700"])
+            .starts_with("--check-status 700 is out of range"));
+        assert!(words(&["--check", "connect", "--check-interval", "0"])
+            .starts_with("--check-interval 0ns is out of range"));
     }
 
     #[test]
