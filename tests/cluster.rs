@@ -940,3 +940,84 @@ async fn a_worker_that_binds_late_never_sends_client_traffic_to_a_foreign_proces
     handle.shutdown();
     run.await.unwrap().unwrap();
 }
+
+/// With health checks, a worker that hangs (SIGSTOP: its kernel still accepts connections) leaves the
+/// rotation within the checks' bounds and is reported; after SIGCONT it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigstopped_worker_leaves_the_rotation_with_checks() {
+    let base = free_ports(4);
+    let listen = SocketAddr::from(([127, 0, 0, 1], base + 3));
+    // The workers speak first (a header line with spaces): a check reads it, and a stopped worker
+    // never sends it.
+    let check = ulb_tcp::HealthCheck::send_expect(Vec::new(), b" ".to_vec())
+        .contains(true)
+        .interval(Duration::from_millis(200))
+        .timeout(Duration::from_millis(200))
+        .rise(1)
+        .fall(2);
+    let config = ClusterConfig::new()
+        .processes(3)
+        .base_port(base)
+        .balancer(listen)
+        .check(check);
+    let (handle, run) = start_running(config, 0).await;
+    wait_for(
+        &handle,
+        Duration::from_secs(10),
+        "every worker healthy",
+        |w| w.iter().all(|w| w.healthy == Some(true)),
+    )
+    .await;
+    let _guard = KillPids(handle.workers().iter().filter_map(|w| w.pid).collect());
+    let victim = handle.workers()[1].pid.unwrap();
+    let b = handle.balancer().unwrap();
+    let id = SocketAddr::from(([127, 0, 0, 1], base + 1)).to_string();
+
+    // SAFETY: kill(2) with plain integers.
+    unsafe { libc::kill(victim as libc::pid_t, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    wait_for(
+        &handle,
+        Duration::from_secs(5),
+        "the stopped worker reported",
+        |w| w[1].healthy == Some(false),
+    )
+    .await;
+    let detected = stopped.elapsed();
+    // fall × (interval + timeout) + interval, and some slack for a loaded machine.
+    assert!(detected < Duration::from_millis(2000), "{detected:?}");
+    assert_eq!(
+        handle.workers()[1].state,
+        WorkerState::Running,
+        "its process still runs"
+    );
+    let before = b.backend(&id).unwrap().total;
+    for i in 0..50 {
+        let reply = fetch(listen, 0)
+            .await
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert_ne!(reply.id, 1, "client {i} reached the stopped worker");
+    }
+    assert_eq!(b.backend(&id).unwrap().total, before);
+
+    // SAFETY: as above.
+    unsafe { libc::kill(victim as libc::pid_t, libc::SIGCONT) };
+    wait_for(&handle, Duration::from_secs(5), "the worker back", |w| {
+        w[1].healthy == Some(true)
+    })
+    .await;
+    eprintln!(
+        "detected after {detected:?}; back {:?} after SIGCONT",
+        stopped.elapsed() - detected
+    );
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        seen.insert(fetch(listen, 0).await.unwrap().id);
+    }
+    assert!(
+        seen.contains(&1),
+        "the worker takes traffic again: {seen:?}"
+    );
+    handle.shutdown();
+    run.await.unwrap().unwrap();
+}

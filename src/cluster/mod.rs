@@ -56,6 +56,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::health::{HealthCheck, OnDown};
 use crate::{BackendConfig, BalancerConfig, BalancerHandle, ConfigError, Strategy, TcpBalancer};
 
 mod output;
@@ -194,6 +195,12 @@ pub struct ClusterConfig {
     /// before answering is carried to another worker with the bytes it sent. 0 turns it off, for
     /// workers that must never see a request twice.
     pub replay_limit: usize,
+    /// Active health checks of the workers, by the balancer (default none). A worker takes connections
+    /// only once it runs, owns its port and passes them; one that stops answering them leaves the
+    /// rotation, and the supervisor reports it.
+    pub check: Option<HealthCheck>,
+    /// What a worker marked down means for its open connections (default: they are kept).
+    pub on_down: OnDown,
 }
 
 impl Default for ClusterConfig {
@@ -210,6 +217,8 @@ impl Default for ClusterConfig {
             ready_poll_interval: Duration::from_millis(20),
             ready_timeout: Duration::from_secs(60),
             replay_limit: 64 * 1024,
+            check: None,
+            on_down: OnDown::Keep,
         }
     }
 }
@@ -345,6 +354,9 @@ impl ClusterConfig {
                 "0 to 16 MiB",
             )));
         }
+        if self.check.is_some() && self.listen.is_none() {
+            return Err(ClusterError::ChecksNeedBalancer);
+        }
         if let Some(listen) = self.listen {
             let p = usize::from(listen.port());
             if p >= usize::from(self.base_port) && p <= last {
@@ -358,6 +370,18 @@ impl ClusterConfig {
         Ok(())
     }
 
+    /// Checks the workers with `check` (through the balancer, which must be on).
+    pub fn check(mut self, check: HealthCheck) -> Self {
+        self.check = Some(check);
+        self
+    }
+
+    /// Sets what a worker marked down means for its open connections.
+    pub fn on_down(mut self, on_down: OnDown) -> Self {
+        self.on_down = on_down;
+        self
+    }
+
     /// The balancer's configuration: one weight-1 backend per worker at `127.0.0.1:(base_port + id)`, the
     /// strategy, drain timeout and replay limit from here, and a short passive-health back-off (1 s),
     /// since the supervisor takes exited workers out of rotation itself.
@@ -366,15 +390,20 @@ impl ClusterConfig {
             let addr = SocketAddr::from(([127, 0, 0, 1], self.worker_port(id)));
             BackendConfig::new(addr)
         });
-        BalancerConfig::new(backends)
+        let config = BalancerConfig::new(backends)
             .strategy(self.strategy)
             .drain_timeout(self.drain_timeout)
             .replay_limit(self.replay_limit)
+            .on_down(self.on_down)
             .health(crate::PassiveHealth {
                 backoff: Duration::from_secs(1),
                 max_backoff: Duration::from_secs(5),
                 ..crate::PassiveHealth::default()
-            })
+            });
+        match &self.check {
+            Some(check) => config.check(check.clone()),
+            None => config,
+        }
     }
 }
 
@@ -519,6 +548,9 @@ pub enum ClusterError {
         /// The least allowed.
         min: Duration,
     },
+    /// Health checks were asked for without the balancer, which runs them.
+    #[error("health checks of the workers need the balancer (--listen)")]
+    ChecksNeedBalancer,
     /// A worker port is held by another process before any worker started.
     #[error("worker port {port} is already in use{}", holder_words(.holder))]
     PortTaken {
@@ -599,6 +631,7 @@ impl ClusterError {
                 | ClusterError::BasePortZero
                 | ClusterError::PortRange { .. }
                 | ClusterError::TooManyProcesses { .. }
+                | ClusterError::ChecksNeedBalancer
                 | ClusterError::Duration { .. }
                 | ClusterError::ListenCollides { .. }
                 | ClusterError::CommandNotFound { .. }
@@ -672,6 +705,9 @@ pub struct WorkerStatus {
     pub restarts: u64,
     /// Processes started for this worker so far, the first included.
     pub starts: u64,
+    /// With health checks: whether its checks pass now (`None` without checks, or before its first
+    /// verdict). A worker whose checks fail takes no new connections, though its process runs.
+    pub healthy: Option<bool>,
 }
 
 /// Commands from the handle to a worker's task.
@@ -751,6 +787,7 @@ impl Cluster {
                 pid: None,
                 restarts: 0,
                 starts: 0,
+                healthy: None,
             })
             .collect::<Vec<_>>();
         let metrics = supervisor::ClusterMetrics::register(config.processes);

@@ -121,6 +121,11 @@ pub(super) async fn run(
         "cluster starting"
     );
 
+    // Health verdicts on the workers (from the balancer's checks), into their status and the log.
+    let health_watch = shared.balancer.as_ref().map(|b| {
+        let (events, shared) = (b.events(), shared.clone());
+        tokio::spawn(report_health(shared, events))
+    });
     let balancer_stop = CancellationToken::new();
     let mut serve = match (balancer, listener) {
         (Some(b), Some(l)) => Some(tokio::spawn(
@@ -171,6 +176,9 @@ pub(super) async fn run(
                 tracing::warn!("balancer drain cut short");
             }
         }
+    }
+    if let Some(watch) = health_watch {
+        watch.abort();
     }
     shared.stop_workers.cancel();
     while let Some(r) = workers.join_next().await {
@@ -476,6 +484,31 @@ impl Worker {
 fn settle(pending: &mut Reply, result: Result<(), String>) {
     if let Some(reply) = pending.take() {
         let _ = reply.send(result);
+    }
+}
+
+/// Follows the balancer's health verdicts on the workers' backends: each goes into the worker's status,
+/// and a worker that stops answering its checks (hung, SIGSTOPped) is reported once, with the reason.
+async fn report_health(shared: Arc<Shared>, mut events: BackendEvents) {
+    while let Some(event) = events.recv().await {
+        let Ok(BackendEvent::HealthChanged { id, up, reason }) = event else {
+            continue;
+        };
+        let ports = 0..shared.config.processes;
+        let Some(worker) = ports.into_iter().find(|&w| {
+            SocketAddr::from(([127, 0, 0, 1], shared.config.worker_port(w))).to_string()
+                == id.as_str()
+        }) else {
+            continue;
+        };
+        let pid = shared.status.borrow().get(worker).and_then(|w| w.pid);
+        if up {
+            tracing::info!(worker, pid, reason = %reason, "worker passes its checks; in rotation");
+        } else {
+            tracing::warn!(worker, pid, reason = %reason,
+                "worker fails its checks (hung or overloaded?); out of rotation while its process runs");
+        }
+        shared.update(worker, |w| w.healthy = Some(up));
     }
 }
 

@@ -123,6 +123,11 @@ pub struct ClusterArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Active health checks of the workers (with --listen): a worker takes connections only once they
+    /// pass, and one that stops answering them (hung, SIGSTOPped) leaves the rotation.
+    #[command(flatten)]
+    pub checks: CheckArgs,
+
     /// The workers' command and its arguments, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -146,6 +151,11 @@ impl ClusterArgs {
         if let Some(listen) = self.listen {
             config = config.balancer(listen);
         }
+        let check = self.checks.health_check();
+        if check.is_on() {
+            config = config.check(check);
+        }
+        config = config.on_down(self.checks.on_down);
         let mut parts = self.command.into_iter();
         let program = parts.next().unwrap_or_default();
         let command = WorkerCommand::new(program).args(parts);
@@ -295,7 +305,15 @@ pub struct BalancerArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    // Active health checks: --check and the flags that tune it, then --on-down.
+    /// Active health checks.
+    #[command(flatten)]
+    pub checks: CheckArgs,
+}
+
+/// The flags of active health checks (the balancer's and the cluster's): --check and the flags that
+/// tune it, then --on-down.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
     /// Active health checks, run from one place for the whole balancer: `connect` (a TCP connect within
     /// --check-timeout passes), `send-expect` (write --check-send, then the reply must start with
     /// --check-expect), `http` (GET --check-path; a 2xx or 3xx status passes) or `none` (passive health
@@ -374,7 +392,7 @@ pub fn parse_escaped(s: &str) -> Result<Escaped, String> {
     ulb_tcp::health::unescape(s).map(Escaped)
 }
 
-impl BalancerArgs {
+impl CheckArgs {
     /// The active health checks the flags ask for (mode `none`: off); not yet validated.
     pub fn health_check(&self) -> HealthCheck {
         let mut check = HealthCheck::new(self.check)
@@ -517,7 +535,7 @@ impl BalancerArgs {
     /// Resolves the backends and builds the validated configuration.
     /// `fd_limit` is the process's open-file limit, for the default connection limit.
     pub async fn into_config(self, fd_limit: Option<u64>) -> Result<BalancerConfig, ConfigError> {
-        let check = self.health_check();
+        let check = self.checks.health_check();
         if let Some(cap) = self.backend_max_connections {
             let max = ulb_tcp::config::MAX_CONNECTIONS;
             if cap == 0 || cap as usize > max {
@@ -562,7 +580,7 @@ impl BalancerArgs {
             .buffer_size(self.buffer_size)
             .replay_limit(self.replay_limit)
             .check(check)
-            .on_down(self.on_down)
+            .on_down(self.checks.on_down)
             .health(PassiveHealth::new(
                 self.fail_threshold,
                 self.down_backoff,
@@ -903,8 +921,8 @@ mod tests {
             Cli::try_parse_from(args).map(|cli| cli.balancer)
         };
         let off = parse(&[]).unwrap();
-        assert_eq!(off.health_check().mode, CheckMode::None);
-        assert_eq!(off.on_down, OnDown::Keep);
+        assert_eq!(off.checks.health_check().mode, CheckMode::None);
+        assert_eq!(off.checks.on_down, OnDown::Keep);
         let redis = parse(&[
             "--check",
             "send-expect",
@@ -920,7 +938,7 @@ mod tests {
             "cut",
         ])
         .unwrap();
-        let c = redis.health_check();
+        let c = redis.checks.health_check();
         assert_eq!(
             (c.mode, c.send.as_slice()),
             (CheckMode::SendExpect, &b"PING\r\n"[..])
@@ -928,7 +946,7 @@ mod tests {
         assert_eq!((c.expect.as_slice(), c.rise, c.fall), (&b"+PONG"[..], 1, 3));
         assert_eq!(c.interval, Duration::from_millis(250));
         assert_eq!(c.timeout, Duration::from_secs(1));
-        assert_eq!(redis.on_down, OnDown::Cut);
+        assert_eq!(redis.checks.on_down, OnDown::Cut);
         assert!(c.validate().is_ok());
         let pg = parse(&[
             "--check",
@@ -939,7 +957,10 @@ mod tests {
             "N",
         ])
         .unwrap();
-        assert_eq!(pg.health_check().send, [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]);
+        assert_eq!(
+            pg.checks.health_check().send,
+            [0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]
+        );
         let http = parse(&[
             "--check",
             "http",
@@ -951,7 +972,7 @@ mod tests {
             "8080",
         ])
         .unwrap();
-        let c = http.health_check();
+        let c = http.checks.health_check();
         assert_eq!(
             (c.path.as_deref(), c.status, c.port),
             (Some("/healthz"), Some(204), Some(8080))
@@ -967,7 +988,14 @@ mod tests {
             "{e}"
         );
         let words = |extra: &[&str]| {
-            in_flag_words(&parse(extra).unwrap().health_check().validate().unwrap_err())
+            in_flag_words(
+                &parse(extra)
+                    .unwrap()
+                    .checks
+                    .health_check()
+                    .validate()
+                    .unwrap_err(),
+            )
         };
         assert_eq!(
             words(&["--check", "connect", "--rise", "0"]),
