@@ -39,6 +39,8 @@ use yaml_rust2::{Yaml, YamlLoader};
 const BIN: &str = env!("CARGO_BIN_EXE_ulb-tcp");
 /// How long any one wait (process start, metric values, a client exchange) may take.
 const DEADLINE: Duration = Duration::from_secs(20);
+/// The alert rules in `grafana/alerts.yml`.
+const ALERT_RULES: usize = 8;
 
 fn manifest_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
@@ -1075,7 +1077,7 @@ fn dashboard_and_alerts_are_well_formed() {
     assert!(defined.len() >= 12, "metric constants: {defined:?}");
     let exprs = dashboard_exprs(&dash);
     let alerts = alert_exprs(&read_repo_file(ALERTS));
-    assert_eq!(alerts.len(), 6, "alert rules found: {alerts:?}");
+    assert_eq!(alerts.len(), ALERT_RULES, "alert rules found: {alerts:?}");
     for (what, expr) in exprs.iter().chain(&alerts) {
         let names = metric_names(expr);
         assert!(!names.is_empty(), "{what}: no ulb_ metric in {expr}");
@@ -1180,7 +1182,7 @@ fn promtool_check_rules_passes() {
         "promtool check rules failed:\n{report}"
     );
     assert!(
-        report.contains("SUCCESS: 6 rules found"),
+        report.contains(&format!("SUCCESS: {ALERT_RULES} rules found")),
         "unexpected promtool output:\n{report}"
     );
 }
@@ -1397,7 +1399,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
                     .iter()
                     .any(|a| a["labels"]["backend"].as_str() == Some(dead_name.as_str()))
         });
-        if rules.len() == 6 && unhealthy.is_empty() && down_alert {
+        if rules.len() == ALERT_RULES && unhealthy.is_empty() && down_alert {
             break;
         }
         assert!(
