@@ -486,3 +486,59 @@ async fn when_every_backend_was_down_traffic_flows_on_the_first_connection_after
     }
     lb.stop().await;
 }
+
+/// `OnDown::Cut` resets the connections open on a backend when it is marked down (HAProxy's
+/// `on-marked-down shutdown-sessions`); `OnDown::Keep`, the default, lets them carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_down_cut_resets_the_open_connections_and_keep_leaves_them() {
+    for on_down in [ulb_tcp::OnDown::Keep, ulb_tcp::OnDown::Cut] {
+        // A backend whose listener goes away while the connection it accepted goes on.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conn_tx, conn_rx) = tokio::sync::oneshot::channel();
+        let accept = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let _ = conn_tx.send(tokio::spawn(common::echo(s)));
+            std::future::pending::<()>().await
+        });
+        let cfg = BalancerConfig::new([BackendConfig::new(addr)])
+            .on_down(on_down)
+            .health(PassiveHealth::new(
+                1,
+                Duration::from_secs(30),
+                Duration::from_secs(60),
+            ));
+        let lb = Running::start(cfg).await;
+        let mut open = TcpStream::connect(lb.addr).await.unwrap();
+        let _echo = conn_rx.await.unwrap();
+        open.write_all(b"a").await.unwrap();
+        let mut one = [0u8; 1];
+        open.read_exact(&mut one).await.unwrap();
+        // The listener closes: the next client's connect is refused, and the backend goes down.
+        accept.abort();
+        let _ = accept.await;
+        let _refused = TcpStream::connect(lb.addr).await.unwrap();
+        lb.wait_for("the backend down", |s| !s[0].up).await;
+        let after = async {
+            open.write_all(b"b").await?;
+            open.read_exact(&mut one).await
+        };
+        let result = tokio::time::timeout(Duration::from_secs(5), after)
+            .await
+            .unwrap();
+        match on_down {
+            ulb_tcp::OnDown::Cut => assert!(
+                result.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+                "cut: the open connection is reset"
+            ),
+            _ => {
+                result.unwrap();
+                assert_eq!(&one, b"b", "keep: the open connection carries on");
+            }
+        }
+        drop(open);
+        lb.wait_for("no connection left", |s| s[0].active == 0)
+            .await;
+        lb.stop().await;
+    }
+}
