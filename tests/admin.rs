@@ -495,7 +495,8 @@ async fn garbage_requests_get_400_and_bounded_logs() {
 
 /// Out of descriptors (`prlimit --nofile=128`, every one held by idle admin connections, more waiting
 /// in the backlog): the admin listener backs off instead of spinning on EMFILE. Over one second the
-/// process uses under 300 ms of CPU, and the logs stay bounded; once the connections go, it serves again.
+/// process uses under 300 ms of CPU, and the logs stay bounded; a client connection carried all along
+/// goes on, and once the admin connections go, both ports serve new clients again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptor_exhaustion_does_not_spin() {
     let echo = Backend::echo().await;
@@ -505,6 +506,9 @@ async fn descriptor_exhaustion_does_not_spin() {
         ..Start::default()
     })
     .await;
+    // A client connection carried before the descriptors run out.
+    let mut carried = TcpStream::connect(ulb.listen).await.expect("connect");
+    echo_on(&mut carried, b"before").await;
     let (held, _) = hold_idle(ulb.admin, 200).await;
     // Wait until the process is at its limit (or close to it: a few descriptors may be in flux).
     let start = Instant::now();
@@ -543,8 +547,13 @@ async fn descriptor_exhaustion_does_not_spin() {
         "accept never failed: the test did not run out of descriptors:\n{}",
         ulb.log_tail()
     );
+    // The connection carried all along still is.
+    echo_on(&mut carried, b"while out of descriptors").await;
     drop(held);
     wait_for_status(ulb.admin, "/metrics", 200).await;
+    echo_once(ulb.listen, 1)
+        .await
+        .unwrap_or_else(|e| panic!("a new client after the admin connections went: {e}"));
     let all = ulb.log_lines();
     assert!(all < 40, "{all} log lines in all:\n{}", ulb.log_tail());
 }
