@@ -33,15 +33,16 @@
 //!   place per balancer by the server's background work and written into each backend's state.
 //! * [`config`]: the validated [`BalancerConfig`] with its documented ranges, and [`BackendSpec`], the
 //!   `HOST:PORT@WEIGHT` form of the command line.
-//! * [`metrics`]: metric names, the Prometheus exporter, and handles registered once per backend.
+//! * [`metrics`]: metric names, the Prometheus recorder, and handles registered once per backend.
+//! * [`admin`] (feature `admin`): the admin HTTP server on one port: `/metrics`, `/healthz`, and a JSON
+//!   API over a registry of named services ([`admin::Services`], each a [`BalancerHandle`]) that shows
+//!   and changes their backends.
 //! * [`cluster`] (feature `cluster`): supervises N worker processes (restarts with back-off, rolling
 //!   restarts), optionally as the balancer's backends.
 //! * [`pool`] (feature `pool`): CPU-heavy closures on Tokio's blocking threads behind bounded semaphores.
 //!
 //! Imports go one way: `server` → `proxy` → `backend` → `config` → `balance`, `health` → `metrics`, and
-//! `cluster` uses only the public API of the others. The one exception is the active checker
-//! (`health::active`), which the server starts and which reads the registry's members and writes its
-//! verdicts into their state.
+//! `cluster` and `admin` use only the public API of the others.
 //!
 //! # Features
 //!
@@ -49,11 +50,13 @@
 //! everything above but `cluster` and `pool`, with metrics recorded through whatever recorder the program
 //! installs.
 //!
-//! * `prometheus`: [`metrics::install_prometheus`], the Prometheus exporter with its own HTTP listener
-//!   (metrics-exporter-prometheus and its hyper server).
+//! * `prometheus`: [`metrics::install_prometheus`], the Prometheus recorder, rendered through its handle
+//!   (metrics-exporter-prometheus, without its HTTP listener).
+//! * `admin`: the [`admin`] server (hyper's HTTP/1 server, serde and serde_json); turns on `prometheus`.
 //! * `cluster`: the [`cluster`] module (Tokio's `process` feature).
 //! * `pool`: the [`pool`] module (no further dependency).
-//! * `cli`: the `ulb-tcp` command (clap and tracing-subscriber); turns on `prometheus` and `cluster`.
+//! * `cli`: the `ulb-tcp` command (clap and tracing-subscriber); turns on `prometheus`, `admin` and
+//!   `cluster`.
 //!
 //! # Example
 //!
@@ -93,9 +96,13 @@
     doc = "[`metrics::install_prometheus`]: #features"
 )]
 #![cfg_attr(not(feature = "cluster"), doc = "[`cluster`]: #features")]
+#![cfg_attr(not(feature = "admin"), doc = "[`admin`]: #features")]
+#![cfg_attr(not(feature = "admin"), doc = "[`admin::Services`]: #features")]
 #![cfg_attr(not(feature = "pool"), doc = "[`pool`]: #features")]
 #![deny(missing_docs)]
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod backend;
 pub mod balance;
 mod clock;

@@ -486,6 +486,8 @@ fn help_explains_every_flag() {
         "--drain-timeout",
         "--log-format",
         "--metrics",
+        "--admin",
+        "--admin-token-file",
         "--replay-limit",
         "--runtime",
         "per-core",

@@ -1,4 +1,5 @@
-//! Observability, end to end against the real `ulb-tcp` binary started with `--metrics`:
+//! Observability, end to end against the real `ulb-tcp` binary started with `--admin`, whose admin port
+//! serves `/metrics`:
 //!
 //! * `metrics_match_client_tallies_exactly`: in-test backends (echo, fixed reply, reset mid-stream, and an
 //!   address that refuses), known traffic (some cut by a backend reset, some by `--idle-timeout`), then the
@@ -183,11 +184,12 @@ impl Drop for Proc {
 struct Balancer {
     proc: Proc,
     listen: SocketAddr,
-    metrics: SocketAddr,
+    /// The admin port, where `/metrics` is served.
+    admin: SocketAddr,
     _dir: TempDir,
 }
 
-/// Starts `ulb-tcp --listen <free> --backends <list> --metrics <free> <extra...>` and waits until it logs
+/// Starts `ulb-tcp --listen <free> --backends <list> --admin <free> <extra...>` and waits until it logs
 /// that it accepts connections. Retries with other ports if one was taken in the meantime.
 async fn start_balancer(backends: &[SocketAddr], extra: &[&str]) -> Balancer {
     let list: Vec<String> = backends.iter().map(ToString::to_string).collect();
@@ -195,14 +197,14 @@ async fn start_balancer(backends: &[SocketAddr], extra: &[&str]) -> Balancer {
     for attempt in 1..=5 {
         let dir = TempDir::new("ulb");
         let listen = loopback(free_port());
-        let metrics = loopback(free_port());
-        if listen == metrics {
+        let admin = loopback(free_port());
+        if listen == admin {
             continue;
         }
         let mut cmd = Command::new(BIN);
         cmd.args(["--listen", &listen.to_string()])
             .args(["--backends", &list])
-            .args(["--metrics", &metrics.to_string()])
+            .args(["--admin", &admin.to_string()])
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
@@ -216,7 +218,7 @@ async fn start_balancer(backends: &[SocketAddr], extra: &[&str]) -> Balancer {
             return Balancer {
                 proc,
                 listen,
-                metrics,
+                admin,
                 _dir: dir,
             };
         }
@@ -731,7 +733,7 @@ async fn metrics_match_client_tallies_exactly() {
             .unwrap_or_else(|e| panic!("connection {seq}: {e}\n{}", lb.proc.log_tail()));
         seq += 1;
         add(&mut tallies, &mut ends, x);
-        let down = scrape(lb.metrics)
+        let down = scrape(lb.admin)
             .await
             .and_then(|t| Scrape::parse(&t))
             .ok()
@@ -780,7 +782,7 @@ async fn metrics_match_client_tallies_exactly() {
     assert_eq!(total, seq as u64);
 
     let version = env!("CARGO_PKG_VERSION");
-    let s = wait_for_metrics(lb.metrics, "metrics equal to the client tallies", |s| {
+    let s = wait_for_metrics(lb.admin, "metrics equal to the client tallies", |s| {
         let mut e = Expect {
             scrape: s,
             problems: Vec::new(),
@@ -1123,14 +1125,14 @@ async fn promtool_check_metrics_passes_on_a_real_scrape() {
             .unwrap_or_else(|e| panic!("connection {seq}: {e}"));
     }
     let echo_name = echo.addr.to_string();
-    wait_for_metrics(lb.metrics, "six connections counted", |s| {
+    wait_for_metrics(lb.admin, "six connections counted", |s| {
         match s.value("ulb_connections_total", &[("backend", &echo_name)]) {
             Some(6.0) => Ok(()),
             other => Err(format!("ulb_connections_total: {other:?}")),
         }
     })
     .await;
-    let text = scrape(lb.metrics).await.expect("scrape");
+    let text = scrape(lb.admin).await.expect("scrape");
 
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -1298,7 +1300,7 @@ async fn prometheus_evaluates_every_dashboard_and_alert_expression() {
              rule_files:\n  - {alerts}\n\
              scrape_configs:\n  - job_name: ulb-tcp\n    static_configs:\n      - targets: ['{target}']\n",
             alerts = manifest_path(ALERTS).display(),
-            target = lb.metrics,
+            target = lb.admin,
         ),
     )
     .expect("write prometheus.yml");

@@ -839,9 +839,15 @@ impl Cluster {
     /// [`run`](Cluster::run) until SIGINT or SIGTERM; SIGHUP starts a rolling restart. A second
     /// SIGINT/SIGTERM skips the drain and kills the workers at once. Without Unix signals: until Ctrl-C.
     pub async fn run_with_signals(self) -> Result<(), ClusterError> {
-        let handle = self.handle();
         // Caught from now on, before any port is bound or worker started: an early signal drains too.
-        let signals = crate::signal::StopSignals::install();
+        self.run_with(crate::signal::StopSignals::install()).await
+    }
+
+    /// [`run_with_signals`](Cluster::run_with_signals), with the stop signals a caller installed
+    /// earlier, before it bound ports of its own (an admin server, say): a signal that came meanwhile
+    /// starts the shutdown as soon as this runs.
+    pub async fn run_with(self, signals: crate::signal::StopSignals) -> Result<(), ClusterError> {
+        let handle = self.handle();
         #[cfg(unix)]
         let hup = tokio::spawn(sys::rolling_restart_on_sighup(handle.clone()));
         let result = self.run(sys::stop_signal(handle, signals)).await;

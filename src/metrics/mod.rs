@@ -13,9 +13,6 @@
 
 mod handles;
 
-#[cfg(feature = "prometheus")]
-use std::net::SocketAddr;
-
 use metrics::{describe_counter, describe_gauge, describe_histogram, gauge, Unit};
 
 pub(crate) use handles::{BackendMetrics, CheckMetrics, GlobalMetrics};
@@ -202,23 +199,40 @@ pub fn describe() {
 /// Errors from [`install_prometheus`].
 #[cfg(feature = "prometheus")]
 #[derive(Debug, thiserror::Error)]
-#[error("cannot serve metrics on {addr}: {source}")]
+#[error("cannot install the Prometheus recorder: {source}")]
 pub struct MetricsError {
-    addr: SocketAddr,
     #[source]
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-/// Installs the Prometheus recorder as the global one and serves `/metrics` on `addr` (its own listener).
-/// Must be called from inside a Tokio runtime, before the balancer is built.
 #[cfg(feature = "prometheus")]
-pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
+pub use metrics_exporter_prometheus::PrometheusHandle;
+
+/// How often histograms are drained into their summaries between scrapes (what the exporter's own
+/// listener did before the admin server took over).
+#[cfg(feature = "prometheus")]
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the Prometheus recorder as the global one, with this crate's histogram buckets, describes
+/// every metric, and returns the handle that renders the text format: serve it at `/metrics` with the
+/// admin server ([`AdminOptions::metrics`]), or render it yourself. Must be called from inside a Tokio
+/// runtime (a task runs the recorder's upkeep), before the balancer is built. Fails if a global recorder
+/// is already installed.
+///
+#[cfg_attr(
+    feature = "admin",
+    doc = "[`AdminOptions::metrics`]: crate::admin::AdminOptions::metrics"
+)]
+#[cfg_attr(
+    not(feature = "admin"),
+    doc = "[`AdminOptions::metrics`]: crate#features"
+)]
+#[cfg(feature = "prometheus")]
+pub fn install_prometheus() -> Result<PrometheusHandle, MetricsError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    let err = |e: Box<dyn std::error::Error + Send + Sync>| MetricsError { addr, source: e };
-    // Bind first so that an address in use is reported as such, not as a failure in a background task.
-    std::net::TcpListener::bind(addr).map_err(|e| err(Box::new(e)))?;
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let err = |e: Box<dyn std::error::Error + Send + Sync>| MetricsError { source: e };
+    let runtime = tokio::runtime::Handle::try_current().map_err(|e| err(Box::new(e)))?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(CONNECT_DURATION_SECONDS.into()),
             CONNECT_BUCKETS,
@@ -237,10 +251,19 @@ pub fn install_prometheus(addr: SocketAddr) -> Result<(), MetricsError> {
         })
         .and_then(|b| b.set_buckets_for_metric(Matcher::Prefix(POOL_PREFIX.into()), POOL_BUCKETS))
         .map_err(|e| err(Box::new(e)))?
-        .install()
+        .install_recorder()
         .map_err(|e| err(Box::new(e)))?;
+    let upkeep = handle.clone();
+    runtime.spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     describe();
-    Ok(())
+    Ok(handle)
 }
 
 /// Describes the blocking pool's metrics (HELP lines).

@@ -85,6 +85,13 @@ impl BalancerHandle {
         self.shared.local_addr.get().copied()
     }
 
+    /// How long a graceful shutdown waits for connections in flight
+    /// ([`BalancerConfig::drain_timeout`](crate::BalancerConfig::drain_timeout)); also the admin API's
+    /// deadline for a removed backend's drain when the call gives none.
+    pub fn drain_timeout(&self) -> Duration {
+        self.shared.config.drain_timeout
+    }
+
     /// The strategy in force.
     pub fn strategy(&self) -> Strategy {
         self.registry().strategy()

@@ -18,7 +18,7 @@ Examples:
   ulb-tcp --listen 127.0.0.1:3000 --backends 127.0.0.1:8081,127.0.0.1:8082
   ulb-tcp cluster -p 4 --base-port 8081 --listen 127.0.0.1:3000 -- python3 -m http.server {port}
   ulb-tcp --listen 0.0.0.0:6379 --backends redis-a:6379@3 --backends redis-b:6379 \\
-          --strategy least-connections --idle-timeout 1h --metrics 127.0.0.1:9100
+          --strategy least-connections --idle-timeout 1h --admin 127.0.0.1:9100
 
 Durations take a unit: 250ms, 3s, 5m, 1h (a bare number is seconds).
 Exit status: 0 after a graceful shutdown, 2 for bad flags or values, 1 when the balancer cannot start
@@ -93,9 +93,9 @@ pub struct ClusterArgs {
     )]
     pub strategy: Strategy,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    /// The admin HTTP server: metrics, health probes and the JSON API.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 
     /// How long a rolling restart waits for a worker's connections, and a shutdown for the balancer's.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
@@ -135,7 +135,7 @@ pub struct ClusterArgs {
 
 impl ClusterArgs {
     /// The cluster's configuration and the workers' command (not yet validated).
-    pub fn into_parts(self) -> (ClusterConfig, WorkerCommand, Option<SocketAddr>, LogFormat) {
+    pub fn into_parts(self) -> (ClusterConfig, WorkerCommand, AdminArgs, LogFormat) {
         let mut config = ClusterConfig::new()
             .base_port(self.base_port)
             .strategy(self.strategy)
@@ -159,7 +159,7 @@ impl ClusterArgs {
         let mut parts = self.command.into_iter();
         let program = parts.next().unwrap_or_default();
         let command = WorkerCommand::new(program).args(parts);
-        (config, command, self.metrics, self.log_format)
+        (config, command, self.admin, self.log_format)
     }
 }
 
@@ -269,9 +269,9 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub down_backoff: Duration,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics (for example 127.0.0.1:9100).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
+    /// The admin HTTP server: metrics, health probes and the JSON API.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 
     /// How bytes are moved: `auto` (pooled, and splice for bulk transfers on Linux), `pooled` (buffers
     /// borrowed only while data is in flight), `splice` (Linux zero-copy through pooled pipes) or `plain`
@@ -421,6 +421,48 @@ impl CheckArgs {
         }
         check
     }
+}
+
+/// The admin server's flags, for the balancer and the cluster alike.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// Serve the admin HTTP server on ADDR (for example 127.0.0.1:9100): Prometheus metrics at
+    /// /metrics, /healthz and /livez for probes, and the JSON API at /api/v1/services. An address that
+    /// is not loopback needs --admin-token-file.
+    #[arg(long, value_name = "ADDR", group = "admin_addr")]
+    pub admin: Option<SocketAddr>,
+
+    /// The same as --admin (its name from when the port served only metrics).
+    #[arg(long, value_name = "ADDR", group = "admin_addr")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Mutating admin API calls (POST, PATCH, DELETE) need `Authorization: Bearer TOKEN`, where TOKEN
+    /// is this file's content, trimmed.
+    #[arg(long, value_name = "FILE", requires = "admin_addr")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+}
+
+impl AdminArgs {
+    /// The admin address, by either name.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.admin.or(self.metrics)
+    }
+}
+
+/// An admin server error in the command's words, on one line.
+pub fn admin_in_flag_words(e: &ulb_tcp::admin::AdminError) -> String {
+    use ulb_tcp::admin::AdminError;
+    let words = match e {
+        AdminError::NoToken { addr } => format!(
+            "--admin {addr} is not a loopback address: refusing to serve the admin API there without \
+             a token (give --admin-token-file, or use 127.0.0.1)"
+        ),
+        AdminError::TokenFile { path, why } => {
+            format!("--admin-token-file {}: {why}", path.display())
+        }
+        _ => e.to_string(),
+    };
+    escape_controls(&words)
 }
 
 /// `--runtime` values.

@@ -10,16 +10,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
 
+use tokio_util::sync::CancellationToken;
+use ulb_tcp::admin::{AdminOptions, AdminServer, Services};
 use ulb_tcp::signal::StopSignals;
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
 mod cli;
 
-use cli::{BalancerArgs, Cli, ClusterArgs, LogFormat, RuntimeArg};
+use cli::{AdminArgs, BalancerArgs, Cli, ClusterArgs, LogFormat, RuntimeArg};
 
 /// Bad flags or values.
 const EXIT_USAGE: u8 = 2;
-/// The balancer could not start (listen address in use, metrics address in use, ...).
+/// The balancer could not start (listen address in use, admin address in use, ...).
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
@@ -46,7 +48,7 @@ fn main() -> ExitCode {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
     let mut builder = match cli.runtime {
-        // Per-core: this runtime only waits for signals, resolves names, serves /metrics and runs the
+        // Per-core: this runtime only waits for signals, resolves names, runs the admin server and the
         // drain; the serving threads run runtimes of their own.
         RuntimeArg::PerCore => Builder::new_current_thread(),
         RuntimeArg::WorkStealing => {
@@ -64,7 +66,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) -> ExitCode {
     let listen = cli.listen;
-    let metrics = cli.metrics;
+    let admin = cli.admin.clone();
     let mode = cli.runtime;
     let config = match cli.into_config(fd_limit).await {
         Ok(c) => c,
@@ -73,9 +75,14 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Err(code) = install_metrics(metrics) {
-        return code;
-    }
+    // Before anything listens: a signal that comes as soon as a port accepts must start the drain,
+    // not take its default action (which ends the process on the spot).
+    let signals = StopSignals::install();
+    // The metrics recorder goes in before the balancer is built (its handles bind to it).
+    let admin_server = match bind_admin(&admin) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     let backends: Vec<String> = config
         .backends
         .iter()
@@ -88,9 +95,6 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // Before anything listens: a signal that comes as soon as the port accepts must start the drain,
-    // not take its default action (which ends the process on the spot).
-    let signals = StopSignals::install();
     let listeners = match Listeners::bind(listen, mode, threads) {
         Ok(l) => l,
         Err(e) => {
@@ -114,7 +118,16 @@ async fn run(cli: BalancerArgs, threads: NonZeroUsize, fd_limit: Option<u64>) ->
         "ulb-tcp {} starting",
         env!("CARGO_PKG_VERSION")
     );
-    match listeners.serve(balancer, signals).await {
+    let services = Services::new();
+    if let Err(e) = services.insert("default", balancer.handle()) {
+        eprintln!("ulb-tcp: {e}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    let admin = RunningAdmin::start(admin_server, services);
+    let served = listeners.serve(balancer, signals).await;
+    // The admin server answers through the drain (/healthz says 503), and stops once it is over.
+    admin.stop().await;
+    match served {
         Ok(_) if FORCED.load(Ordering::Relaxed) => ExitCode::from(EXIT_FAILURE),
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
@@ -165,7 +178,7 @@ impl Listeners {
 
 /// `ulb-tcp cluster`: checks everything (exit 2 on bad input, before any worker starts), then supervises.
 fn cluster_main(args: ClusterArgs) -> ExitCode {
-    let (config, command, metrics, log_format) = args.into_parts();
+    let (config, command, admin, log_format) = args.into_parts();
     if let Err(e) = config.validate() {
         eprintln!("ulb-tcp: {}", cli::cluster_in_flag_words(&e));
         return ExitCode::from(EXIT_USAGE);
@@ -181,9 +194,12 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async move {
-        if let Err(code) = install_metrics(metrics) {
-            return code;
-        }
+        // Caught before the admin port listens (see `run`).
+        let signals = StopSignals::install();
+        let admin_server = match bind_admin(&admin) {
+            Ok(a) => a,
+            Err(code) => return code,
+        };
         let cluster = match ulb_tcp::cluster::Cluster::new(config, command) {
             Ok(c) => c,
             Err(e) => {
@@ -195,7 +211,17 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
                 });
             }
         };
-        match cluster.run_with_signals().await {
+        let services = Services::new();
+        if let Some(balancer) = cluster.handle().balancer() {
+            if let Err(e) = services.insert("default", balancer) {
+                eprintln!("ulb-tcp: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        }
+        let admin = RunningAdmin::start(admin_server, services);
+        let result = cluster.run_with(signals).await;
+        admin.stop().await;
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ulb-tcp: {e}");
@@ -223,17 +249,59 @@ async fn shutdown_signal(handle: BalancerHandle, signals: StopSignals) {
         .await;
 }
 
-/// Serves Prometheus metrics on `addr`, if given; the exit code after saying why it cannot.
-fn install_metrics(addr: Option<SocketAddr>) -> Result<(), ExitCode> {
-    let Some(addr) = addr else {
-        return Ok(());
+/// With `--admin` (or `--metrics`): reads the token file, installs the Prometheus recorder and binds the
+/// admin port (`AdminServer::bind` refuses a non-loopback one without a token before it binds anything);
+/// `None` without. Else the exit code, after saying why: 2 for what was asked (no token, a bad token
+/// file), 1 for the system (the address in use).
+fn bind_admin(args: &AdminArgs) -> Result<Option<AdminServer>, ExitCode> {
+    let Some(addr) = args.addr() else {
+        return Ok(None);
     };
-    if let Err(e) = ulb_tcp::metrics::install_prometheus(addr) {
-        eprintln!("ulb-tcp: {e}");
-        return Err(ExitCode::from(EXIT_FAILURE));
+    let fail = |e: ulb_tcp::admin::AdminError| {
+        eprintln!("ulb-tcp: {}", cli::admin_in_flag_words(&e));
+        ExitCode::from(if e.is_config() {
+            EXIT_USAGE
+        } else {
+            EXIT_FAILURE
+        })
+    };
+    let mut options = AdminOptions::new();
+    if let Some(path) = &args.admin_token_file {
+        options = options.token_file(path).map_err(fail)?;
     }
-    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    Ok(())
+    let handle = ulb_tcp::metrics::install_prometheus().map_err(|e| {
+        eprintln!("ulb-tcp: {e}");
+        ExitCode::from(EXIT_FAILURE)
+    })?;
+    AdminServer::bind(addr, options.metrics(handle))
+        .map(Some)
+        .map_err(fail)
+}
+
+/// The admin server's task, and what stops it.
+struct RunningAdmin(Option<(tokio::task::JoinHandle<io::Result<()>>, CancellationToken)>);
+
+impl RunningAdmin {
+    fn start(server: Option<AdminServer>, services: Services) -> Self {
+        RunningAdmin(server.map(|server| {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(server.serve(services, stop.clone().cancelled_owned()));
+            (task, stop)
+        }))
+    }
+
+    async fn stop(self) {
+        let Some((task, stop)) = self.0 else {
+            return;
+        };
+        stop.cancel();
+        match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "admin server failed"),
+            Ok(Err(e)) => tracing::error!(error = %e, "admin server task failed"),
+            Err(_) => tracing::warn!("admin server did not stop within 5s"),
+        }
+    }
 }
 
 /// The runtime `builder` describes, or the exit code after saying why it cannot start.
