@@ -41,8 +41,9 @@
 //!   restarts), optionally as the balancer's backends.
 //! * [`pool`] (feature `pool`): CPU-heavy closures on Tokio's blocking threads behind bounded semaphores.
 //!
-//! Imports go one way: `server` → `proxy` → `backend` → `config` → `balance`, `health` → `metrics`, and
-//! `cluster` and `admin` use only the public API of the others.
+//! Imports go one way: `server` → `proxy`, `health` → `backend` → `config` → `balance`, and each of them
+//! → `metrics`; `cluster` and `admin` use only the public API of the others. The configuration types of
+//! health live in `config`, below the backends; `health` holds the machinery that checks them, above.
 //!
 //! # Features
 //!
@@ -125,7 +126,7 @@ pub use balance::{Strategy, UnknownStrategy};
 pub use config::{
     BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
 };
-pub use health::{CheckMode, HealthCheck, OnDown};
+pub use config::{CheckMode, HealthCheck, OnDown};
 #[cfg(target_os = "linux")]
 pub use server::PerCoreListeners;
 pub use server::{bind, BalancerHandle, Drain, ShutdownReport, TcpBalancer, MAX_THREADS};
@@ -169,7 +170,7 @@ pub mod bench_support {
                 strategy,
                 42,
                 &configs(weights),
-                crate::health::Policy::default(),
+                crate::backend::Policy::default(),
                 CancellationToken::new(),
             );
             let backends = registry.table().entries().cloned().collect();

@@ -13,6 +13,7 @@
 
 mod events;
 mod guard;
+mod policy;
 mod queue;
 mod registry;
 mod state;
@@ -27,6 +28,7 @@ pub use registry::{BackendError, DrainReport, Replaced};
 pub use stats::BackendStats;
 
 pub(crate) use guard::ActiveGuard;
+pub(crate) use policy::Policy;
 pub(crate) use queue::Place;
 pub(crate) use registry::Registry;
 pub(crate) use state::Backend;

@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use super::events::{BackendEvent, BackendEvents, EventSender};
 use super::queue::WaitQueue;
 use super::stats::BackendStats;
+use super::Policy;
 use super::{AdminState, Backend, BackendId};
 use crate::balance::{Candidate, Picks, Strategy, Table};
 use crate::config::{BackendConfig, ConfigError, MAX_DURATION};
-use crate::health::Policy;
 
 /// Why a change to the backends was refused. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use super::events::{BackendEvent, EventSender};
 use super::queue::WaitQueue;
 use super::stats::BackendStats;
+use super::Policy;
 use super::{AdminState, BackendId};
 use crate::balance::{Candidate, LoadSlot, FULL_ADMISSION};
 use crate::clock::now_ms;
 use crate::config::BackendConfig;
-use crate::health::{OnDown, Policy};
+use crate::config::OnDown;
 use crate::metrics::BackendMetrics;
 
 /// Set in [`Backend::admin`] once the backend has left its service (it drains, then is forgotten).
@@ -672,7 +673,7 @@ impl fmt::Display for Who<'_> {
 mod tests {
     use super::*;
     use crate::backend::ActiveGuard;
-    use crate::health::PassiveHealth;
+    use crate::config::PassiveHealth;
 
     fn backend_with(policy: Policy) -> Arc<Backend> {
         let config = BackendConfig::new("127.0.0.1:1".parse().unwrap());

@@ -56,7 +56,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{HealthCheck, OnDown};
+use crate::config::{HealthCheck, OnDown};
 use crate::{BackendConfig, BalancerConfig, BalancerHandle, ConfigError, Strategy, TcpBalancer};
 
 mod output;

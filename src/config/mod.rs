@@ -9,15 +9,21 @@
 //! * `error`: [`ConfigError`], which names the field and the value.
 
 mod backend;
+mod check;
 mod error;
+mod health;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::balance::Strategy;
-pub use crate::health::{CheckMode, HealthCheck, OnDown, PassiveHealth};
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
+pub(crate) use check::quoted;
+pub use check::{
+    escape, unescape, CheckMode, HealthCheck, MAX_CHECK_PAYLOAD, MAX_HTTP_FIELD, MAX_RISE_FALL,
+};
 pub use error::ConfigError;
+pub use health::{OnDown, PassiveHealth};
 
 /// The largest weight a backend may have (as in HAProxy).
 pub const MAX_WEIGHT: u32 = 256;

@@ -23,9 +23,9 @@ use tokio::sync::Notify;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
 
-use super::check::HealthCheck;
 use super::probe::{probe, words};
 use crate::backend::{Backend, BackendEvent, BackendId, Registry};
+use crate::config::HealthCheck;
 use crate::metrics::CheckMetrics;
 
 /// The first checks of all backends run within this of the start (or within the interval, if shorter).

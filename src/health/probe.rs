@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 
-use super::check::{quoted, CheckMode, HealthCheck};
+use crate::config::{quoted, CheckMode, HealthCheck};
 use crate::metrics::CheckFailure;
 
 /// The most of a reply a `send-expect` check with `contains` reads, looking for its bytes.

@@ -26,9 +26,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Policy;
 use crate::backend::Registry;
 use crate::config::{BalancerConfig, ConfigError};
-use crate::health::Policy;
 use crate::proxy::{Context, Settings};
 
 pub use handle::{BalancerHandle, Drain};

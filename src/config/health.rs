@@ -1,4 +1,4 @@
-//! Passive health: connect failures of real connections take a backend out of rotation.
+//! The configuration of passive health, and what a backend marked down means for its connections.
 
 use std::time::Duration;
 
@@ -56,5 +56,41 @@ mod tests {
         assert_eq!(got, [100, 200, 350, 350]);
         // Never overflows, whatever the count.
         assert_eq!(p.backoff_after(u32::MAX), Duration::from_millis(350));
+    }
+}
+
+/// What happens to the connections open on a backend when it is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum OnDown {
+    /// They carry on (the default): a backend that stopped accepting may still serve what it has.
+    #[default]
+    Keep,
+    /// They are reset at once (HAProxy's `on-marked-down shutdown-sessions`).
+    Cut,
+}
+
+impl OnDown {
+    /// `keep` or `cut`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDown::Keep => "keep",
+            OnDown::Cut => "cut",
+        }
+    }
+}
+
+impl std::str::FromStr for OnDown {
+    type Err = super::ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "keep" => Ok(OnDown::Keep),
+            "cut" => Ok(OnDown::Cut),
+            _ => Err(super::ConfigError::Unknown {
+                field: "on-down",
+                value: s.to_string(),
+                expected: "keep or cut",
+            }),
+        }
     }
 }
