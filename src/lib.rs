@@ -102,6 +102,7 @@ mod clock;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod config;
+pub mod edge;
 pub mod health;
 pub mod metrics;
 #[cfg(feature = "pool")]

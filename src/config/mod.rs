@@ -15,6 +15,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::balance::Strategy;
+pub use crate::edge::{AcceptProxy, ProxyVersion};
 pub use crate::health::{CheckMode, HealthCheck, OnDown, PassiveHealth};
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
 pub use error::ConfigError;
@@ -204,6 +205,16 @@ pub struct BalancerConfig {
     /// Active health checks (default `None`: passive health alone). With checks on (any mode but
     /// [`CheckMode::None`]) a backend starts down until its first check passes; see [`HealthCheck`].
     pub check: Option<HealthCheck>,
+    /// Send a PROXY protocol header of this version to the backends, first on every backend connection
+    /// (retries and replays included), with the client's address and the address it connected to
+    /// (default `None`).
+    pub send_proxy: Option<ProxyVersion>,
+    /// With [`send_proxy`](Self::send_proxy) v2: carry on the TLVs of the v2 header the client's
+    /// connection came with (default `false`).
+    pub send_proxy_tlvs: bool,
+    /// Accept PROXY protocol headers from trusted sources (default `None`: a header is payload like any
+    /// other byte). See [`AcceptProxy`].
+    pub accept_proxy: Option<AcceptProxy>,
 }
 
 impl BalancerConfig {
@@ -229,7 +240,22 @@ impl BalancerConfig {
             max_queue: 10_000,
             queue_timeout: Duration::from_secs(5),
             check: None,
+            send_proxy: None,
+            send_proxy_tlvs: false,
+            accept_proxy: None,
         }
+    }
+
+    /// Sends PROXY protocol headers of this version to the backends.
+    pub fn send_proxy(mut self, version: ProxyVersion) -> Self {
+        self.send_proxy = Some(version);
+        self
+    }
+
+    /// Accepts PROXY protocol headers from trusted sources.
+    pub fn accept_proxy(mut self, accept: AcceptProxy) -> Self {
+        self.accept_proxy = Some(accept);
+        self
     }
 
     /// Sets the strategy.
@@ -405,6 +431,16 @@ impl BalancerConfig {
         }
         if let Some(check) = &self.check {
             check.validate()?;
+        }
+        if let Some(accept) = &self.accept_proxy {
+            check_duration("accept_proxy.timeout", accept.timeout, ms)?;
+            if accept.from.is_empty() {
+                return Err(ConfigError::Unsupported {
+                    field: "accept_proxy.from",
+                    value: String::new(),
+                    why: "needs at least one trusted network",
+                });
+            }
         }
         if self.copy_mode == CopyMode::Splice && !cfg!(target_os = "linux") {
             return Err(ConfigError::Unsupported {

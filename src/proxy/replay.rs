@@ -28,6 +28,7 @@ pub(super) async fn until_answered(
     ctx: &Context,
     peer: SocketAddr,
     client: &mut TcpStream,
+    hello: &[u8],
     mut backend: TcpStream,
     mut guard: ActiveGuard,
     mut tried: Vec<Arc<Backend>>,
@@ -111,7 +112,7 @@ pub(super) async fn until_answered(
         drop((backend, guard));
         tried.push(failed);
         let connected = tokio::select! {
-            c = connect(ctx, peer, &mut tried) => c,
+            c = connect(ctx, peer, hello, &mut tried) => c,
             () = ctx.hard_stop.cancelled() => return Err(End::DrainDeadline),
         };
         (backend, guard) = connected.ok_or(End::NoAnswer)?;
