@@ -285,12 +285,29 @@ async fn wait_until(what: &str, limit: Duration, mut ok: impl AsyncFnMut() -> bo
     panic!("timed out waiting for {what}");
 }
 
+/// Connects from `from` (bound first), retrying refusals for 2 s (the balancer's listener may come up
+/// just after its metrics port).
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> Option<TcpStream> {
+    let start = Instant::now();
+    loop {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind((from, 0).into()).unwrap();
+        match socket.connect(to).await {
+            Ok(s) => return Some(s),
+            Err(_) if start.elapsed() < Duration::from_secs(2) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
 /// An HTTP/1.0 GET to `to` from `from` (an address bound first): the local port and the body, or `None`
 /// when the connection was closed without an answer.
 async fn get_from(from: [u8; 4], to: SocketAddr) -> (u16, Option<String>) {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind((from, 0).into()).unwrap();
-    let mut s = socket.connect(to).await.unwrap();
+    let Some(mut s) = connect_from(from, to).await else {
+        return (0, None);
+    };
     let port = s.local_addr().unwrap().port();
     let _ = s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n").await;
     let mut got = Vec::new();
@@ -437,7 +454,7 @@ async fn recording_backend() -> (SocketAddr, Arc<Mutex<(usize, Vec<u8>)>>) {
 
 /// Sends `bytes`, then waits for the close; how long the close took.
 async fn closed_after(to: SocketAddr, chunks: &[&[u8]], every: Duration) -> Duration {
-    let mut s = TcpStream::connect(to).await.unwrap();
+    let mut s = connect_from([127, 0, 0, 1], to).await.unwrap();
     let start = Instant::now();
     let (mut r, mut w) = s.split();
     let send = async {
@@ -559,7 +576,7 @@ async fn malformed_headers_are_closed_counted_and_never_forwarded() {
     );
 
     // And a good header is consumed, never forwarded: the backend sees only the payload after it.
-    let mut s = TcpStream::connect(ulb.addr).await.unwrap();
+    let mut s = connect_from([127, 0, 0, 1], ulb.addr).await.unwrap();
     s.write_all(b"PROXY TCP4 127.0.0.2 127.0.0.1 1000 80\r\nhello")
         .await
         .unwrap();
