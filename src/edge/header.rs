@@ -143,6 +143,10 @@ fn parse_v2(buf: &[u8]) -> Parsed {
         Ok(h) => h,
         Err(_) => return Parsed::Invalid("v2: addresses do not fit its length"),
     };
+    // TLVs may be carried on: each must fit what is left of the header.
+    if header.tlvs().any(|tlv| tlv.is_err()) {
+        return Parsed::Invalid("v2: a TLV overruns the header");
+    }
     let addresses = match (header.command, header.addresses) {
         (ppp::v2::Command::Local, _) => None,
         (_, ppp::v2::Addresses::IPv4(a)) => Some((
