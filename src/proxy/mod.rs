@@ -179,9 +179,8 @@ pub(crate) async fn serve_connection(
         // Boxed: kept inline, its state would enlarge every connection's task, replay or not.
         let answered = Box::pin(replay::until_answered(
             &ctx,
-            peer,
+            (peer, &hello),
             &mut client,
-            &hello,
             backend,
             guard,
             tried,

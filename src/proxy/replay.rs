@@ -26,9 +26,9 @@ use crate::metrics::ConnectFailure;
 /// [`BalancerConfig::replay_limit`]: crate::BalancerConfig::replay_limit
 pub(super) async fn until_answered(
     ctx: &Context,
-    peer: SocketAddr,
+    // The client's address, and the PROXY header each new backend connection gets first (or none).
+    (peer, hello): (SocketAddr, &[u8]),
     client: &mut TcpStream,
-    hello: &[u8],
     mut backend: TcpStream,
     mut guard: ActiveGuard,
     mut tried: Vec<Arc<Backend>>,
