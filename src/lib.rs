@@ -33,6 +33,9 @@
 //!   place per balancer by the server's background work and written into each backend's state.
 //! * [`config`]: the validated [`BalancerConfig`] with its documented ranges, and [`BackendSpec`], the
 //!   `HOST:PORT@WEIGHT` form of the command line.
+//! * [`edge`]: the PROXY protocol: the header parse (caps, then the `ppp` crate) and encoding, the trusted
+//!   networks ([`edge::AcceptProxy`]), and reading a header off an accepted socket without taking a byte of
+//!   the payload; `proxy` calls it at a connection's start only when configured.
 //! * [`metrics`]: metric names, the Prometheus exporter, and handles registered once per backend.
 //! * [`cluster`] (feature `cluster`): supervises N worker processes (restarts with back-off, rolling
 //!   restarts), optionally as the balancer's backends.
