@@ -572,6 +572,39 @@ async fn malformed_headers_are_closed_counted_and_never_forwarded() {
         "a refused header reached the backend"
     );
 
+    // From an untrusted source (127.0.0.2): a v1 header is refused and counted too; plain bytes are
+    // carried as they are.
+    let mut s = connect_from([127, 0, 0, 2], ulb.addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nhello")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "untrusted header: {r:?}");
+    expected += 1.0;
+    wait_until(
+        "the untrusted header to be counted",
+        Duration::from_secs(5),
+        async || ulb.rejected().await >= expected,
+    )
+    .await;
+    assert_eq!(
+        seen.lock().unwrap().0,
+        0,
+        "an untrusted header reached the backend"
+    );
+    let mut s = connect_from([127, 0, 0, 2], ulb.addr).await.unwrap();
+    s.write_all(b"plain").await.unwrap();
+    let mut ok = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ok))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.lock().unwrap().1, b"plain");
+    seen.lock().unwrap().1.clear();
+
     // And a good header is consumed, never forwarded: the backend sees only the payload after it.
     let mut s = connect_from([127, 0, 0, 1], ulb.addr).await.unwrap();
     s.write_all(b"PROXY TCP4 127.0.0.2 127.0.0.1 1000 80\r\nhello")
@@ -583,6 +616,62 @@ async fn malformed_headers_are_closed_counted_and_never_forwarded() {
         .unwrap()
         .unwrap();
     assert_eq!(seen.lock().unwrap().1, b"hello");
+}
+
+/// A backend that reads what it gets, then closes without a word (replay moves on from it).
+async fn silent_backend() -> (SocketAddr, Arc<Mutex<Vec<u8>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 4096];
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Ok(n) = s.read(&mut buf).await {
+                s2.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+            drop(s);
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_connect_sends_its_own_header_first() {
+    let (dead, dead_seen) = silent_backend().await;
+    let (alive, alive_seen) = recording_backend().await;
+    let ulb = Ulb::start(&[
+        "--backends",
+        &format!("{dead},{alive}"),
+        "--replay-limit",
+        "64k",
+        "--send-proxy",
+        "v1",
+        "--strategy",
+        "round-robin",
+    ])
+    .await;
+    // Round robin starts with the first backend, which closes without answering: the bytes are replayed.
+    let mut s = connect_from([127, 0, 0, 2], ulb.addr).await.unwrap();
+    let port = s.local_addr().unwrap().port();
+    s.write_all(b"request").await.unwrap();
+    let mut ok = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ok))
+        .await
+        .unwrap()
+        .unwrap();
+    let header = format!(
+        "PROXY TCP4 127.0.0.2 127.0.0.1 {port} {}\r\n",
+        ulb.addr.port()
+    );
+    let want = [header.as_bytes(), b"request"].concat();
+    assert_eq!(*dead_seen.lock().unwrap(), want, "the first backend");
+    assert_eq!(
+        alive_seen.lock().unwrap().1,
+        want,
+        "the backend the bytes were replayed to"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
