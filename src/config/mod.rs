@@ -513,6 +513,36 @@ mod tests {
     }
 
     #[test]
+    fn accepting_proxy_headers_needs_a_network_and_a_sane_timeout() {
+        let b = BackendConfig::new("127.0.0.1:1".parse().unwrap());
+        let net: crate::edge::IpNet = "10.0.0.0/8".parse().unwrap();
+        let ok = BalancerConfig::new([b.clone()]).accept_proxy(AcceptProxy::new([net]));
+        assert!(ok.validate().is_ok());
+        let none = BalancerConfig::new([b.clone()]).accept_proxy(AcceptProxy::new([]));
+        assert!(none
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("trusted network"));
+        let zero = BalancerConfig::new([b])
+            .accept_proxy(AcceptProxy::new([net]).timeout(Duration::ZERO))
+            .validate()
+            .unwrap_err();
+        assert!(
+            zero.to_string().starts_with("accept_proxy.timeout 0ns"),
+            "{zero}"
+        );
+        // v4-mapped sources match their IPv4 network.
+        let accept = AcceptProxy::new([net]);
+        assert!(accept.trusts("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(accept.trusts("10.1.2.3".parse().unwrap()));
+        assert!(!accept.trusts("11.1.2.3".parse().unwrap()));
+        let v6 = AcceptProxy::new(["2001:db8::/32".parse().unwrap()]);
+        assert!(v6.trusts("2001:db8::1".parse().unwrap()));
+        assert!(!v6.trusts("2001:db9::1".parse().unwrap()));
+    }
+
+    #[test]
     fn a_duplicate_backend_is_refused() {
         let b = BackendConfig::new("127.0.0.1:1".parse().unwrap());
         let err = BalancerConfig::new([b.clone(), b.clone().with_weight(2)])

@@ -69,7 +69,7 @@ async fn read(stream: &mut TcpStream, optional: bool) -> Result<Option<ProxyHead
         seen.extend_from_slice(&peeked[..n]);
         match parse(&seen) {
             Parsed::Header(h, len) => {
-                let mut rest = vec![0u8; len - got.len()];
+                let mut rest = vec![0u8; len.saturating_sub(got.len())];
                 stream.read_exact(&mut rest).await.map_err(Refused::Io)?;
                 return Ok(Some(h));
             }
