@@ -33,6 +33,9 @@
 //!   place per balancer by the server's background work and written into each backend's state.
 //! * [`config`]: the validated [`BalancerConfig`] with its documented ranges, and [`BackendSpec`], the
 //!   `HOST:PORT@WEIGHT` form of the command line.
+//! * [`edge`]: the PROXY protocol: the header parse (caps, then the `ppp` crate) and encoding, the trusted
+//!   networks ([`edge::AcceptProxy`]), and reading a header off an accepted socket without taking a byte of
+//!   the payload; `proxy` calls it at a connection's start only when configured.
 //! * [`metrics`]: metric names, the Prometheus recorder, and handles registered once per backend.
 //! * [`admin`] (feature `admin`): the admin HTTP server on one port: `/metrics`, `/healthz`, and a JSON
 //!   API over a registry of named services ([`admin::Services`], each a [`BalancerHandle`]) that shows
@@ -110,6 +113,7 @@ mod clock;
 #[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod config;
+pub mod edge;
 pub mod health;
 pub mod metrics;
 #[cfg(feature = "pool")]

@@ -116,6 +116,9 @@ pub struct HealthCheck {
     pub host: Option<String>,
     /// `http`: the one status that passes (100..=599); by default any 2xx or 3xx passes.
     pub status: Option<u16>,
+    /// Open each check with a PROXY protocol header of this version (HAProxy's `check-send-proxy`):
+    /// v1 `PROXY UNKNOWN`, v2 `LOCAL`, which speak for no client (default `None`).
+    pub send_proxy: Option<crate::edge::ProxyVersion>,
 }
 
 impl Default for HealthCheck {
@@ -140,7 +143,14 @@ impl HealthCheck {
             path: None,
             host: None,
             status: None,
+            send_proxy: None,
         }
+    }
+
+    /// Opens each check with a PROXY protocol header of this version.
+    pub fn send_proxy(mut self, version: crate::edge::ProxyVersion) -> Self {
+        self.send_proxy = Some(version);
+        self
     }
 
     /// TCP connect checks.

@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::balance::Strategy;
+pub use crate::edge::{AcceptProxy, ProxyVersion};
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
 pub(crate) use check::quoted;
 pub use check::{
@@ -210,6 +211,16 @@ pub struct BalancerConfig {
     /// Active health checks (default `None`: passive health alone). With checks on (any mode but
     /// [`CheckMode::None`]) a backend starts down until its first check passes; see [`HealthCheck`].
     pub check: Option<HealthCheck>,
+    /// Send a PROXY protocol header of this version to the backends, first on every backend connection
+    /// (retries and replays included), with the client's address and the address it connected to
+    /// (default `None`).
+    pub send_proxy: Option<ProxyVersion>,
+    /// With [`send_proxy`](Self::send_proxy) v2: carry on the TLVs of the v2 header the client's
+    /// connection came with (default `false`).
+    pub send_proxy_tlvs: bool,
+    /// Accept PROXY protocol headers from trusted sources (default `None`: a header is payload like any
+    /// other byte). See [`AcceptProxy`].
+    pub accept_proxy: Option<AcceptProxy>,
 }
 
 impl BalancerConfig {
@@ -235,7 +246,22 @@ impl BalancerConfig {
             max_queue: 10_000,
             queue_timeout: Duration::from_secs(5),
             check: None,
+            send_proxy: None,
+            send_proxy_tlvs: false,
+            accept_proxy: None,
         }
+    }
+
+    /// Sends PROXY protocol headers of this version to the backends.
+    pub fn send_proxy(mut self, version: ProxyVersion) -> Self {
+        self.send_proxy = Some(version);
+        self
+    }
+
+    /// Accepts PROXY protocol headers from trusted sources.
+    pub fn accept_proxy(mut self, accept: AcceptProxy) -> Self {
+        self.accept_proxy = Some(accept);
+        self
     }
 
     /// Sets the strategy.
@@ -412,6 +438,16 @@ impl BalancerConfig {
         if let Some(check) = &self.check {
             check.validate()?;
         }
+        if let Some(accept) = &self.accept_proxy {
+            check_duration("accept_proxy.timeout", accept.timeout, ms)?;
+            if accept.from.is_empty() {
+                return Err(ConfigError::Unsupported {
+                    field: "accept_proxy.from",
+                    value: String::new(),
+                    why: "needs at least one trusted network",
+                });
+            }
+        }
         if self.copy_mode == CopyMode::Splice && !cfg!(target_os = "linux") {
             return Err(ConfigError::Unsupported {
                 field: "copy_mode",
@@ -480,6 +516,36 @@ mod tests {
             err.to_string(),
             "max_pipes 16000001 is out of range (0..=16000000)"
         );
+    }
+
+    #[test]
+    fn accepting_proxy_headers_needs_a_network_and_a_sane_timeout() {
+        let b = BackendConfig::new("127.0.0.1:1".parse().unwrap());
+        let net: crate::edge::IpNet = "10.0.0.0/8".parse().unwrap();
+        let ok = BalancerConfig::new([b.clone()]).accept_proxy(AcceptProxy::new([net]));
+        assert!(ok.validate().is_ok());
+        let none = BalancerConfig::new([b.clone()]).accept_proxy(AcceptProxy::new([]));
+        assert!(none
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("trusted network"));
+        let zero = BalancerConfig::new([b])
+            .accept_proxy(AcceptProxy::new([net]).timeout(Duration::ZERO))
+            .validate()
+            .unwrap_err();
+        assert!(
+            zero.to_string().starts_with("accept_proxy.timeout 0ns"),
+            "{zero}"
+        );
+        // v4-mapped sources match their IPv4 network.
+        let accept = AcceptProxy::new([net]);
+        assert!(accept.trusts("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(accept.trusts("10.1.2.3".parse().unwrap()));
+        assert!(!accept.trusts("11.1.2.3".parse().unwrap()));
+        let v6 = AcceptProxy::new(["2001:db8::/32".parse().unwrap()]);
+        assert!(v6.trusts("2001:db8::1".parse().unwrap()));
+        assert!(!v6.trusts("2001:db9::1".parse().unwrap()));
     }
 
     #[test]

@@ -67,6 +67,14 @@ pub(crate) async fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<Strin
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    if let Some(version) = check.send_proxy {
+        let header = crate::edge::encode_local(version);
+        match timeout_at(deadline, stream.write_all(&header)).await {
+            Err(_) => return Err(Failure::timed_out("PROXY header", check.timeout)),
+            Ok(Err(e)) => return Err(Failure::io("PROXY header: write failed", &e)),
+            Ok(Ok(())) => {}
+        }
+    }
     let (what, exchange) = match check.mode {
         CheckMode::SendExpect => ("send-expect", true),
         CheckMode::Http => ("http", true),

@@ -45,7 +45,8 @@ pub const ACCEPT_ERRORS_TOTAL: &str = "ulb_accept_errors_total";
 /// Client connections closed without being carried, by `reason` (`no_backend`: none was available;
 /// `connect_failed`: every one tried failed; `local_resources`: this host ran out of descriptors or
 /// ports; `queue_full`, `queue_timeout`: every backend was at its cap, and the queue was full or the
-/// wait ran out).
+/// wait ran out; `proxy_header`: a PROXY header missing, broken or late from a trusted source, or sent by
+/// an untrusted one).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
 /// Clients waiting for a backend below its cap now (gauge).
 pub const QUEUE_LENGTH: &str = "ulb_queue_length";

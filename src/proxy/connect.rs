@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -21,9 +22,13 @@ use crate::metrics::ConnectFailure;
 /// another connection took its last slot under its cap): the pick is made again without it. When every
 /// backend that may be picked is at its cap, the client waits in the service's queue for a slot, up to
 /// the queue timeout.
+///
+/// `hello` (a PROXY protocol header, or empty) is written on each new backend connection before it is
+/// returned, within the same connect timeout; failing to write it fails that connect.
 pub(crate) async fn connect(
     ctx: &Context,
     peer: SocketAddr,
+    hello: &[u8],
     tried: &mut Vec<Arc<Backend>>,
 ) -> Option<(TcpStream, ActiveGuard)> {
     let settings = &ctx.settings;
@@ -72,7 +77,13 @@ pub(crate) async fn connect(
         attempts += 1;
         let backend = guard.backend();
         let t0 = Instant::now();
-        let connecting = TcpStream::connect(backend.addr());
+        let connecting = async {
+            let mut stream = TcpStream::connect(backend.addr()).await?;
+            if !hello.is_empty() {
+                stream.write_all(hello).await?;
+            }
+            Ok::<_, io::Error>(stream)
+        };
         let (reason, error) = match tokio::time::timeout(settings.connect_timeout, connecting).await
         {
             Ok(Ok(stream)) => {

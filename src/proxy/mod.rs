@@ -22,6 +22,7 @@
 mod buffer;
 mod connect;
 mod duplex;
+mod front;
 #[cfg(target_os = "linux")]
 mod pipe;
 mod plain;
@@ -42,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Registry;
 use crate::clock::now_ms;
 use crate::config::{BalancerConfig, CopyMode};
+use crate::edge::{AcceptProxy, ProxyVersion};
 use crate::metrics::GlobalMetrics;
 
 /// The settings of the data path, taken from the [`BalancerConfig`].
@@ -57,6 +59,9 @@ pub(crate) struct Settings {
     pub(crate) replay_limit: usize,
     pub(crate) max_queue: usize,
     pub(crate) queue_timeout: Duration,
+    pub(crate) send_proxy: Option<ProxyVersion>,
+    pub(crate) send_proxy_tlvs: bool,
+    pub(crate) accept_proxy: Option<Arc<AcceptProxy>>,
 }
 
 impl From<&BalancerConfig> for Settings {
@@ -72,6 +77,9 @@ impl From<&BalancerConfig> for Settings {
             replay_limit: c.replay_limit,
             max_queue: c.max_queue,
             queue_timeout: c.queue_timeout,
+            send_proxy: c.send_proxy,
+            send_proxy_tlvs: c.send_proxy_tlvs,
+            accept_proxy: c.accept_proxy.clone().map(Arc::new),
         }
     }
 }
@@ -129,8 +137,8 @@ impl Context {
 /// Carries one accepted client connection to its end. `_permit` holds its place under the connection limit.
 pub(crate) async fn serve_connection(
     ctx: Arc<Context>,
-    client: TcpStream,
-    peer: SocketAddr,
+    mut client: TcpStream,
+    mut peer: SocketAddr,
     _permit: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
@@ -140,9 +148,23 @@ pub(crate) async fn serve_connection(
     #[cfg(not(target_os = "linux"))]
     let _ = client.set_nodelay(true);
 
+    // The PROXY protocol, when on: the client's address from its header, and the header to send on.
+    let mut hello = Vec::new();
+    if ctx.settings.accept_proxy.is_some() || ctx.settings.send_proxy.is_some() {
+        let front = tokio::select! {
+            f = Box::pin(front::admit(&ctx, &mut client, peer)) => f,
+            () = ctx.hard_stop.cancelled() => None,
+        };
+        let Some(front) = front else {
+            abort(&client);
+            return;
+        };
+        (peer, hello) = (front.client, front.hello);
+    }
+
     let mut tried = Vec::new();
     let connected = tokio::select! {
-        c = connect::connect(&ctx, peer, &mut tried) => c,
+        c = connect::connect(&ctx, peer, &hello, &mut tried) => c,
         () = ctx.hard_stop.cancelled() => None,
     };
     let Some((backend, guard)) = connected else {
@@ -151,14 +173,13 @@ pub(crate) async fn serve_connection(
     };
 
     let counts = Counts::default();
-    let mut client = client;
     let (mut backend, guard, client_ended) = if ctx.settings.replay_limit == 0 {
         (backend, guard, false)
     } else {
         // Boxed: kept inline, its state would enlarge every connection's task, replay or not.
         let answered = Box::pin(replay::until_answered(
             &ctx,
-            peer,
+            (peer, &hello),
             &mut client,
             backend,
             guard,

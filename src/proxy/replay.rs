@@ -26,7 +26,8 @@ use crate::metrics::ConnectFailure;
 /// [`BalancerConfig::replay_limit`]: crate::BalancerConfig::replay_limit
 pub(super) async fn until_answered(
     ctx: &Context,
-    peer: SocketAddr,
+    // The client's address, and the PROXY header each new backend connection gets first (or none).
+    (peer, hello): (SocketAddr, &[u8]),
     client: &mut TcpStream,
     mut backend: TcpStream,
     mut guard: ActiveGuard,
@@ -111,7 +112,7 @@ pub(super) async fn until_answered(
         drop((backend, guard));
         tried.push(failed);
         let connected = tokio::select! {
-            c = connect(ctx, peer, &mut tried) => c,
+            c = connect(ctx, peer, hello, &mut tried) => c,
             () = ctx.hard_stop.cancelled() => return Err(End::DrainDeadline),
         };
         (backend, guard) = connected.ok_or(End::NoAnswer)?;

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 
 use clap::{Parser, ValueEnum};
 use ulb_tcp::cluster::{ClusterConfig, ClusterError, RestartPolicy, WorkerCommand, MAX_PROCESSES};
+use ulb_tcp::edge::{AcceptProxy, IpNet, ProxyVersion};
 use ulb_tcp::{
     BackendSpec, BalancerConfig, CheckMode, ConfigError, CopyMode, HealthCheck, OnDown,
     PassiveHealth, Strategy, MAX_THREADS,
@@ -301,6 +302,34 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "N", value_parser = parse_threads, allow_hyphen_values = true)]
     pub threads: Option<NonZeroUsize>,
 
+    /// Send a PROXY protocol header (`v1` text or `v2` binary) first on every backend connection,
+    /// retries and replays included: the client's address, and the address it connected to.
+    #[arg(long, value_name = "VERSION")]
+    pub send_proxy: Option<ProxyVersion>,
+
+    /// With --send-proxy v2: carry on the TLVs of the v2 header that the client's connection came with.
+    #[arg(long, requires = "send_proxy")]
+    pub send_proxy_tlvs: bool,
+
+    /// Open each active health check with a PROXY header of the --send-proxy version, speaking for no
+    /// client (v1 `PROXY UNKNOWN`, v2 `LOCAL`), like HAProxy's check-send-proxy.
+    #[arg(long, requires = "send_proxy")]
+    pub check_send_proxy: bool,
+
+    /// Accept PROXY protocol headers (v1 or v2) from these sources only (CIDR networks or addresses,
+    /// IPv4 or IPv6). The header's client address is the client's from then on. A header from any
+    /// other source closes the connection.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub accept_proxy_from: Vec<IpNet>,
+
+    /// `required` (a trusted source that sends no header is closed) or `optional`.
+    #[arg(long, value_enum, default_value_t = AcceptProxyArg::Required, requires = "accept_proxy_from")]
+    pub accept_proxy: AcceptProxyArg,
+
+    /// How long a trusted source may take to send its whole PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration, allow_hyphen_values = true)]
+    pub accept_proxy_timeout: Duration,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -308,6 +337,26 @@ pub struct BalancerArgs {
     /// Active health checks.
     #[command(flatten)]
     pub checks: CheckArgs,
+}
+
+/// Whether a trusted source must send a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AcceptProxyArg {
+    /// It must: one that sends none is closed.
+    Required,
+    /// It may connect without one.
+    Optional,
+}
+
+/// A CIDR network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("'{s}' is not a CIDR network or an address"))
 }
 
 /// The flags of active health checks (the balancer's and the cluster's): --check and the flags that
@@ -577,7 +626,10 @@ impl BalancerArgs {
     /// Resolves the backends and builds the validated configuration.
     /// `fd_limit` is the process's open-file limit, for the default connection limit.
     pub async fn into_config(self, fd_limit: Option<u64>) -> Result<BalancerConfig, ConfigError> {
-        let check = self.checks.health_check();
+        let mut check = self.checks.health_check();
+        if let (true, Some(version)) = (self.check_send_proxy, self.send_proxy) {
+            check = check.send_proxy(version);
+        }
         if let Some(cap) = self.backend_max_connections {
             let max = ulb_tcp::config::MAX_CONNECTIONS;
             if cap == 0 || cap as usize > max {
@@ -628,6 +680,16 @@ impl BalancerArgs {
                 self.down_backoff,
                 PassiveHealth::default().max_backoff,
             ));
+        let mut config = config;
+        config.send_proxy = self.send_proxy;
+        config.send_proxy_tlvs = self.send_proxy_tlvs;
+        if !self.accept_proxy_from.is_empty() {
+            config.accept_proxy = Some(
+                AcceptProxy::new(self.accept_proxy_from)
+                    .timeout(self.accept_proxy_timeout)
+                    .optional(self.accept_proxy == AcceptProxyArg::Optional),
+            );
+        }
         config.validate()?;
         Ok(config)
     }
@@ -698,6 +760,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("check.path", "--check-path"),
     ("check.host", "--check-host"),
     ("check.status", "--check-status"),
+    ("accept_proxy.timeout", "--accept-proxy-timeout"),
+    ("accept_proxy.from", "--accept-proxy-from"),
 ];
 
 /// A configuration error in the command's words, on one line: a field is named by the flag that sets
