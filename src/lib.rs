@@ -201,11 +201,16 @@ pub mod bench_support {
                 .collect()
         }
 
-        /// Changes one backend's weight, which rebuilds and publishes the table: the cost of a rebuild.
+        /// Changes backend `i`'s weight (between 1 and 2, always to the other one, so that every call
+        /// rebuilds), which rebuilds and publishes the table: the cost of a rebuild.
         pub fn rebuild(&self, i: usize) {
-            let id = format!("b{}", i % self.backends.len());
-            let weight = 1 + (i % 2) as u32;
-            let _ = self.registry.set_weight(&id, weight);
+            let backend = &self.backends[i % self.backends.len()];
+            let weight = if backend.configured_weight() == 1 {
+                2
+            } else {
+                1
+            };
+            let _ = self.registry.set_weight(backend.id().as_str(), weight);
         }
     }
 }
