@@ -386,15 +386,27 @@ impl LoadTree {
     /// says so: a pick that landed on it must look again.
     #[inline]
     pub(crate) fn sync_leaf(&self, i: usize, active: usize) -> bool {
-        let leaf = self.leaf_of(i);
+        self.sync_leaf_at(self.leaf_of(i), i, active)
+    }
+
+    /// [`LoadTree::sync_leaf`] for a caller that has the leaf of backend `i` at hand (`leaf_of(i)`). The
+    /// check is inlined into the pick; the rewrite, rare, is not.
+    #[inline]
+    pub(crate) fn sync_leaf_at(&self, leaf: u32, i: usize, active: usize) -> bool {
         let unit = self.units[i];
         let live = (active as u64).min(MAX_ACTIVE_IN_KEY) * unit;
         if self.leaf(leaf).load(Relaxed) & !DOWN & !LEAF_MASK == live {
             return false;
         }
+        self.rewrite_leaf(leaf, unit, active);
+        true
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn rewrite_leaf(&self, leaf: u32, unit: u64, active: usize) {
         let value = self.set_leaf(leaf, unit, active);
         self.propagate(leaf, value, None);
-        true
     }
 
     /// Node `j` of level `d`.

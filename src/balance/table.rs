@@ -364,6 +364,7 @@ fn least_loaded<B: Candidate>(
 /// the caller to the scan: when every backend left is marked down or tried (the scan has the last word on
 /// who is available), when a few picks in a row landed on backends that turned out to be unavailable or
 /// on stale leaves, or when too many were tried.
+#[inline]
 fn least_loaded_in_tree<'t, B: Candidate>(
     tree: &Arc<LoadTree>,
     backends: &'t [Arc<B>],
@@ -394,7 +395,7 @@ fn least_loaded_in_tree<'t, B: Candidate>(
             continue;
         }
         // The leaf may hold a count written out of order by racing guards: check it against the live one.
-        if tree.sync_leaf(i, b.active()) {
+        if tree.sync_leaf_at(leaf, i, b.active()) {
             continue;
         }
         // A backend ramping up that its ramp does not admit this time is walked around.
