@@ -89,8 +89,13 @@ struct Pool<B> {
 }
 
 /// From this many backends on, least connections uses a min-tree instead of scanning. Measured per
-/// connection (pick, plus the guard's upkeep of the tree): at 16 backends the two cost about the same
-/// (41 ns scanning, 30 + 13 ns with the tree), at 32 the scan costs 79 ns and the tree still 44.
+/// connection (pick, plus the guard's upkeep of the tree) when the tree leaf was the counter: at 16
+/// backends the two cost about the same (41 ns scanning, 30 + 13 ns with the tree), at 32 the scan costs
+/// 79 ns and the tree still 44. Since guards reach the tree through the backend's `ArcSwapOption` link
+/// (one load when the count goes up, one when it goes down), the upkeep costs about 45 ns instead of 13
+/// (`bookkeeping_lc` less `bookkeeping_rr`): at 15 backends the scan and its guard cost 52 + 36 ns, at
+/// 16 the tree and its guard 37 + 80, at 32 the tree 50 + 75, so the tree only pays off beyond about 32
+/// backends now. The threshold is kept, since it also decides how ties are shared out.
 const TREE_MIN_BACKENDS: usize = 16;
 
 /// Tries at the tree per pick before scanning: each one that lands on an unavailable backend marks it down
