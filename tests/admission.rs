@@ -543,3 +543,101 @@ async fn on_down_cut_resets_the_open_connections_and_keep_leaves_them() {
         lb.stop().await;
     }
 }
+
+/// Through the command: a full queue and a queue timeout are counted by reason, and the queue's length
+/// and waits are published, on the admin port's /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_s_refusals_are_counted_by_reason() {
+    let backend = counting().await;
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, admin) = (free(), free());
+    struct Reap(std::process::Child);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Reap(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ulb-tcp"))
+            .args([
+                "--listen",
+                &listen.to_string(),
+                "--admin",
+                &admin.to_string(),
+            ])
+            .args([
+                "--backends",
+                &backend.addr.to_string(),
+                "--backend-max-connections",
+                "1",
+            ])
+            .args(["--max-queue", "1", "--queue-timeout", "300ms"])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let metrics = move || async move {
+        let mut s = TcpStream::connect(admin).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let t0 = Instant::now();
+    while metrics().await.is_none() || TcpStream::connect(listen).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the balancer never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, held) = served(listen).await.unwrap();
+    // One waits and times out; one finds the queue full.
+    let waiting = tokio::spawn(async move { served(listen).await.is_err() });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics()
+        .await
+        .unwrap_or_default()
+        .contains("ulb_queue_length 1")
+    {
+        assert!(Instant::now() < deadline, "the client never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        served(listen).await.is_err(),
+        "past the queue bound: closed"
+    );
+    assert!(
+        waiting.await.unwrap(),
+        "the queued client is closed at the timeout"
+    );
+    let text = metrics().await.unwrap();
+    let value = |series: &str| {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("ulb_connections_rejected_total{reason=\"queue_full\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("ulb_connections_rejected_total{reason=\"queue_timeout\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(value("ulb_queue_length"), Some(0.0), "{text}");
+    assert!(
+        value("ulb_queue_wait_seconds_count").is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    drop(held);
+}
