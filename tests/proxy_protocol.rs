@@ -3,15 +3,16 @@
 //! headers against the accepting side. Loopback only, ephemeral ports; every process is killed and
 //! reaped. A test whose tool is missing says so and passes.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{unique_port as free_port, Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -31,75 +32,6 @@ fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED {test}: `{name}` is not installed (apt-get install nginx haproxy)");
     }
     found
-}
-
-/// A child in its own process group, killed (the whole group) and reaped when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        let child = cmd
-            .process_group(0)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        Proc { child }
-    }
-    fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's process group.
-        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "ulb-pp-{what}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut given = GIVEN.lock().unwrap();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
 }
 
 async fn wait_port(addr: SocketAddr, proc: &mut Proc) -> bool {
@@ -146,7 +78,7 @@ impl Nginx {
                 .arg(dir.path().join("error.log"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            let mut proc = Proc::spawn(&mut cmd);
+            let mut proc = Proc::spawn(&mut cmd, "peer");
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             if wait_port(addr, &mut proc).await {
                 return Nginx {
@@ -192,7 +124,7 @@ impl Haproxy {
                 .arg(&conf_path)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
-            let mut proc = Proc::spawn(&mut cmd);
+            let mut proc = Proc::spawn(&mut cmd, "peer");
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             if wait_port(addr, &mut proc).await {
                 return Haproxy {
@@ -227,7 +159,7 @@ impl Ulb {
                 .env("RUST_LOG", "debug")
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
-            let mut proc = Proc::spawn(&mut cmd);
+            let mut proc = Proc::spawn(&mut cmd, "peer");
             let stderr = proc.child.stderr.take().unwrap();
             let log = Arc::new(Mutex::new(Vec::new()));
             std::thread::spawn({

@@ -3,8 +3,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -234,4 +238,88 @@ pub async fn echo_roundtrip(addr: SocketAddr, data: Arc<Vec<u8>>) -> std::io::Re
     r.read_to_end(&mut got).await?;
     writer.await.expect("writer panicked")?;
     Ok(got)
+}
+
+/// A child process in a process group of its own; the whole group is killed and the child reaped when
+/// dropped (SIGKILL also ends a stopped process).
+pub struct Proc {
+    pub child: Child,
+    name: String,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, name: impl Into<String>) -> Proc {
+        let name = name.into();
+        let child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child, name }
+    }
+
+    /// Sends `sig` to the whole process group (an nginx master and its workers).
+    pub fn signal_group(&self, sig: i32) {
+        // SAFETY: kill(2) on the process group of our own child; no memory is involved.
+        let rc = unsafe { libc::kill(-(self.child.id() as libc::pid_t), sig) };
+        assert_eq!(rc, 0, "kill({sig}) of {} failed", self.name);
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: as in signal_group.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory under the system's temporary directory, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(what: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "ulb-test-{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loopback port free now, never handed out before by this test binary (the kernel may give the same
+/// ephemeral port twice in a row, and two servers must not race for one).
+pub fn unique_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
