@@ -349,7 +349,12 @@ pub struct BalancerArgs {
     pub rate_per_ip: Option<u32>,
 
     /// IPv6 client sources are grouped by this prefix for the per-source limits (1 to 128).
-    #[arg(long, value_name = "LEN", default_value_t = 64, allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "LEN",
+        default_value_t = 64,
+        allow_hyphen_values = true
+    )]
     pub ipv6_prefix: u8,
 
     /// Log format on stderr.
