@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::balance::Strategy;
-pub use crate::edge::{AcceptProxy, ProxyVersion};
+pub use crate::edge::{AcceptProxy, IpNet, ProxyVersion, SourceLimits};
 pub use backend::{BackendConfig, BackendSpec, MAX_ID_LEN};
 pub(crate) use check::quoted;
 pub use check::{
@@ -25,6 +25,9 @@ pub use check::{
 };
 pub use error::ConfigError;
 pub use health::{OnDown, PassiveHealth};
+
+/// The most networks in [`BalancerConfig::allow`], and in [`BalancerConfig::deny`].
+pub const MAX_ACL_ENTRIES: usize = 1_000_000;
 
 /// The largest weight a backend may have (as in HAProxy).
 pub const MAX_WEIGHT: u32 = 256;
@@ -221,6 +224,15 @@ pub struct BalancerConfig {
     /// Accept PROXY protocol headers from trusted sources (default `None`: a header is payload like any
     /// other byte). See [`AcceptProxy`].
     pub accept_proxy: Option<AcceptProxy>,
+    /// Only clients from these networks are carried (default empty: every client not denied). Checked on
+    /// the client's address (from its PROXY header, when one was accepted) before any backend is
+    /// touched; IPv4, IPv6 and v4-mapped IPv6 are matched, in O(prefix length) however long the list.
+    pub allow: Vec<IpNet>,
+    /// Clients from these networks are refused, even when allowed (default empty).
+    pub deny: Vec<IpNet>,
+    /// Limits per client source: concurrent connections, new connections a second, the IPv6 grouping
+    /// (default: none). See [`edge::limits`](crate::edge::limits) for the table's memory bound.
+    pub source_limits: SourceLimits,
 }
 
 impl BalancerConfig {
@@ -249,6 +261,9 @@ impl BalancerConfig {
             send_proxy: None,
             send_proxy_tlvs: false,
             accept_proxy: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            source_limits: SourceLimits::default(),
         }
     }
 
@@ -261,6 +276,36 @@ impl BalancerConfig {
     /// Accepts PROXY protocol headers from trusted sources.
     pub fn accept_proxy(mut self, accept: AcceptProxy) -> Self {
         self.accept_proxy = Some(accept);
+        self
+    }
+
+    /// Carries only clients from these networks.
+    pub fn allow(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.allow = nets.into_iter().collect();
+        self
+    }
+
+    /// Refuses clients from these networks.
+    pub fn deny(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.deny = nets.into_iter().collect();
+        self
+    }
+
+    /// Caps concurrent connections per source.
+    pub fn max_connections_per_ip(mut self, n: u32) -> Self {
+        self.source_limits.max_connections = Some(n);
+        self
+    }
+
+    /// Caps new connections a second per source (a burst of `n`).
+    pub fn rate_per_ip(mut self, n: u32) -> Self {
+        self.source_limits.rate = Some(n);
+        self
+    }
+
+    /// Groups IPv6 sources by this prefix for the per-source limits (default 64).
+    pub fn ipv6_prefix(mut self, len: u8) -> Self {
+        self.source_limits.ipv6_prefix = len;
         self
     }
 
@@ -447,6 +492,41 @@ impl BalancerConfig {
                     why: "needs at least one trusted network",
                 });
             }
+        }
+        for (field, list) in [("allow", &self.allow), ("deny", &self.deny)] {
+            if list.len() > MAX_ACL_ENTRIES {
+                return Err(ConfigError::out_of_range(
+                    field,
+                    format!("{} networks", list.len()),
+                    format!("0..={MAX_ACL_ENTRIES}"),
+                ));
+            }
+        }
+        let limits = &self.source_limits;
+        if let Some(n) = limits.max_connections {
+            if !(1..=MAX_CONNECTIONS).contains(&(n as usize)) {
+                return Err(ConfigError::out_of_range(
+                    "max_connections_per_ip",
+                    n,
+                    format!("1..={MAX_CONNECTIONS}"),
+                ));
+            }
+        }
+        if let Some(n) = limits.rate {
+            if !(1..=crate::edge::limits::MAX_RATE).contains(&n) {
+                return Err(ConfigError::out_of_range(
+                    "rate_per_ip",
+                    n,
+                    format!("1..={}", crate::edge::limits::MAX_RATE),
+                ));
+            }
+        }
+        if !(1..=128).contains(&limits.ipv6_prefix) {
+            return Err(ConfigError::out_of_range(
+                "ipv6_prefix",
+                limits.ipv6_prefix,
+                "1..=128",
+            ));
         }
         if self.copy_mode == CopyMode::Splice && !cfg!(target_os = "linux") {
             return Err(ConfigError::Unsupported {

@@ -1,23 +1,31 @@
-//! The edge of a connection: PROXY protocol headers sent to backends and accepted from trusted sources.
+//! The edge of a connection: PROXY protocol headers sent to backends and accepted from trusted sources,
+//! allow and deny lists, and per-source limits.
 //!
 //! * `header`: the pure [`parse`] (caps first, then the `ppp` crate) and [`encode`].
 //! * `read`: reading a header off an accepted socket without taking a byte of the client's payload
 //!   (peek, then consume exactly the header), under a timeout.
+//! * `acl`: allow and deny lists of networks ([`Acl`]), matched in O(prefix length).
+//! * `limits`: concurrent connections and new connections a second per source ([`Limiter`]), in a
+//!   table bounded in memory ([`limits::MAX_TABLE_BYTES`]).
 //!
 //! Used by `config` (the types), `proxy` (per connection) and `health` (checks that send a header);
 //! imports nothing of theirs but [`ConfigError`](crate::ConfigError).
 
+mod acl;
 mod header;
+pub mod limits;
 pub(crate) mod read;
 
 use std::net::IpAddr;
 use std::time::Duration;
 
+pub use acl::{Acl, NetSet};
 pub use header::{
     canonical, decided, encode, encode_local, parse, Parsed, ProxyHeader, ProxyVersion,
     UnknownProxyVersion, V1_MAX, V2_MAX, V2_SIGNATURE,
 };
 pub use ipnet::IpNet;
+pub use limits::{Limiter, Refusal, SourceGuard, SourceLimits};
 
 /// The default [`AcceptProxy::timeout`]: 3 s.
 pub const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(3);

@@ -46,7 +46,9 @@ pub const ACCEPT_ERRORS_TOTAL: &str = "ulb_accept_errors_total";
 /// `connect_failed`: every one tried failed; `local_resources`: this host ran out of descriptors or
 /// ports; `queue_full`, `queue_timeout`: every backend was at its cap, and the queue was full or the
 /// wait ran out; `proxy_header`: a PROXY header missing, broken or late from a trusted source, or sent by
-/// an untrusted one).
+/// an untrusted one; `acl`: the client's address is denied, or not allowed; `per_ip_limit`: its source
+/// holds its maximum of concurrent connections; `rate_limit`: its source opened its share of new
+/// connections this second).
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "ulb_connections_rejected_total";
 /// Clients waiting for a backend below its cap now (gauge).
 pub const QUEUE_LENGTH: &str = "ulb_queue_length";

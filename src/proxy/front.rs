@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 
 use super::Context;
-use crate::edge::{self, read, UNTRUSTED_SNIFF};
+use crate::edge::{self, read, Refusal, SourceGuard, UNTRUSTED_SNIFF};
 
 /// Who the client is, after its PROXY header if it sent one, and the bytes to send each backend
 /// connection first (empty without `send_proxy`).
@@ -67,4 +67,31 @@ pub(super) async fn admit(
         }
     };
     Some(Front { client, hello })
+}
+
+/// The allow and deny lists, then the per-source limits, on the client's address. `Err` when the
+/// connection must be closed (counted by reason, and logged at debug).
+pub(super) fn check_source(ctx: &Context, client: SocketAddr) -> Result<Option<SourceGuard>, ()> {
+    let ip = client.ip();
+    if let Some(acl) = &ctx.settings.acl {
+        if !acl.permits(ip) {
+            ctx.metrics.rejected_acl.increment(1);
+            tracing::debug!(client = %client, "connection refused by the allow and deny lists");
+            return Err(());
+        }
+    }
+    let Some(limiter) = &ctx.settings.limiter else {
+        return Ok(None);
+    };
+    match limiter.admit(ip) {
+        Ok(guard) => Ok(Some(guard)),
+        Err(why) => {
+            match why {
+                Refusal::PerIpLimit => ctx.metrics.rejected_per_ip_limit.increment(1),
+                Refusal::RateLimit => ctx.metrics.rejected_rate_limit.increment(1),
+            }
+            tracing::debug!(client = %client, why = ?why, "connection refused by the per-source limits");
+            Err(())
+        }
+    }
 }

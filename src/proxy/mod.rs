@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::Registry;
 use crate::clock::now_ms;
 use crate::config::{BalancerConfig, CopyMode};
-use crate::edge::{AcceptProxy, ProxyVersion};
+use crate::edge::{AcceptProxy, Acl, Limiter, ProxyVersion};
 use crate::metrics::GlobalMetrics;
 
 /// The settings of the data path, taken from the [`BalancerConfig`].
@@ -62,6 +62,10 @@ pub(crate) struct Settings {
     pub(crate) send_proxy: Option<ProxyVersion>,
     pub(crate) send_proxy_tlvs: bool,
     pub(crate) accept_proxy: Option<Arc<AcceptProxy>>,
+    /// `None` when both lists are empty.
+    pub(crate) acl: Option<Arc<Acl>>,
+    /// `None` when no per-source limit is set.
+    pub(crate) limiter: Option<Arc<Limiter>>,
 }
 
 impl From<&BalancerConfig> for Settings {
@@ -80,6 +84,10 @@ impl From<&BalancerConfig> for Settings {
             send_proxy: c.send_proxy,
             send_proxy_tlvs: c.send_proxy_tlvs,
             accept_proxy: c.accept_proxy.clone().map(Arc::new),
+            acl: Some(Acl::new(&c.allow, &c.deny))
+                .filter(|acl| !acl.is_empty())
+                .map(Arc::new),
+            limiter: Limiter::new(c.source_limits),
         }
     }
 }
@@ -161,6 +169,20 @@ pub(crate) async fn serve_connection(
         };
         (peer, hello) = (front.client, front.hello);
     }
+
+    // Allow and deny lists, per-source limits: on the client's address, before any backend is touched.
+    // The guard holds this connection's place in its source's count until it ends.
+    let _source = if ctx.settings.acl.is_some() || ctx.settings.limiter.is_some() {
+        match front::check_source(&ctx, peer) {
+            Ok(guard) => guard,
+            Err(()) => {
+                abort(&client);
+                return;
+            }
+        }
+    } else {
+        None
+    };
 
     let mut tried = Vec::new();
     let connected = tokio::select! {

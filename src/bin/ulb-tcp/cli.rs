@@ -330,6 +330,33 @@ pub struct BalancerArgs {
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub accept_proxy_timeout: Duration,
 
+    /// Carry only clients from these networks (CIDR or addresses, IPv4 or IPv6; a v4-mapped IPv6 client
+    /// matches its IPv4 network). Checked on the client's address, from its PROXY header when one was
+    /// accepted, before any backend is touched.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub allow: Vec<IpNet>,
+
+    /// Refuse clients from these networks, even when --allow lists them.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    pub deny: Vec<IpNet>,
+
+    /// Concurrent connections per client source, at most (an IPv6 source is its --ipv6-prefix network).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub max_connections_per_ip: Option<u32>,
+
+    /// New connections per second per client source, at most, with a burst of as many.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub rate_per_ip: Option<u32>,
+
+    /// IPv6 client sources are grouped by this prefix for the per-source limits (1 to 128).
+    #[arg(
+        long,
+        value_name = "LEN",
+        default_value_t = 64,
+        allow_hyphen_values = true
+    )]
+    pub ipv6_prefix: u8,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -690,6 +717,11 @@ impl BalancerArgs {
                     .optional(self.accept_proxy == AcceptProxyArg::Optional),
             );
         }
+        config.allow = self.allow;
+        config.deny = self.deny;
+        config.source_limits.max_connections = self.max_connections_per_ip;
+        config.source_limits.rate = self.rate_per_ip;
+        config.source_limits.ipv6_prefix = self.ipv6_prefix;
         config.validate()?;
         Ok(config)
     }
@@ -762,6 +794,11 @@ const FLAGS: &[(&str, &str)] = &[
     ("check.status", "--check-status"),
     ("accept_proxy.timeout", "--accept-proxy-timeout"),
     ("accept_proxy.from", "--accept-proxy-from"),
+    ("allow", "--allow"),
+    ("deny", "--deny"),
+    ("max_connections_per_ip", "--max-connections-per-ip"),
+    ("rate_per_ip", "--rate-per-ip"),
+    ("ipv6_prefix", "--ipv6-prefix"),
 ];
 
 /// A configuration error in the command's words, on one line: a field is named by the flag that sets
@@ -1123,6 +1160,53 @@ mod tests {
             .starts_with("--check-status 700 is out of range"));
         assert!(words(&["--check", "connect", "--check-interval", "0"])
             .starts_with("--check-interval 0ns is out of range"));
+    }
+
+    #[test]
+    fn access_and_per_source_flags_make_the_config() {
+        let config = |extra: &[&str]| {
+            let mut args = vec!["ulb-tcp", "--backends", "127.0.0.1:1"];
+            args.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(args).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(cli.balancer.into_config(None))
+        };
+        let c = config(&[
+            "--allow",
+            "10.0.0.0/8,::1",
+            "--deny",
+            "10.0.0.3",
+            "--max-connections-per-ip",
+            "5",
+            "--rate-per-ip",
+            "20",
+            "--ipv6-prefix",
+            "48",
+        ])
+        .unwrap();
+        assert_eq!(c.allow.len(), 2);
+        assert_eq!(c.deny, ["10.0.0.3/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(c.source_limits.max_connections, Some(5));
+        assert_eq!(c.source_limits.rate, Some(20));
+        assert_eq!(c.source_limits.ipv6_prefix, 48);
+        let off = config(&[]).unwrap();
+        assert!(off.allow.is_empty() && off.source_limits.is_off());
+        let words = |extra: &[&str]| in_flag_words(&config(extra).unwrap_err());
+        assert_eq!(
+            words(&["--max-connections-per-ip", "0"]),
+            "--max-connections-per-ip 0 is out of range (1..=16000000)"
+        );
+        assert_eq!(
+            words(&["--rate-per-ip", "0"]),
+            "--rate-per-ip 0 is out of range (1..=1000000)"
+        );
+        assert_eq!(
+            words(&["--ipv6-prefix", "0"]),
+            "--ipv6-prefix 0 is out of range (1..=128)"
+        );
     }
 
     #[test]
