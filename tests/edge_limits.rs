@@ -73,9 +73,20 @@ async fn pings(s: &mut TcpStream) -> bool {
     }
 }
 
-/// Connects from `from` and says whether the connection is carried (then closed).
+/// Connects from `from` and says whether the connection is carried (then closed). A refused client may
+/// see its reset already in the connect.
 async fn carried(from: IpAddr, to: SocketAddr) -> bool {
-    pings(&mut connect_from(from, to).await).await
+    let socket = match from {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    match socket.connect(to).await {
+        Ok(mut s) => pings(&mut s).await,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+        Err(e) => panic!("connect from {from}: {e}"),
+    }
 }
 
 /// Retries `carried` until it holds, for at most 5 s.
@@ -299,5 +310,60 @@ async fn the_proxy_headers_address_is_the_one_checked() {
     assert_eq!(rejected("acl") - acl, 1.0);
     assert_eq!(rejected("per_ip_limit") - capped, 1.0);
     drop((first, second));
+    lb.stop().await;
+}
+
+/// The rate limit holds within ±20% over 3 s: a source that tries far faster than its rate gets its
+/// burst and then its rate, no more and not much less.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_source_rate_holds_within_20_percent_over_3_s() {
+    let _serial = SERIAL.lock().await;
+    const RATE: u32 = 20;
+    let (lb, _backend) = start(config().rate_per_ip(RATE)).await;
+    let window = Duration::from_secs(3);
+    let started = Instant::now();
+    let (mut tried, mut ok) = (0u32, 0u32);
+    while started.elapsed() < window {
+        tried += 1;
+        ok += u32::from(carried(A, lb.addr).await);
+        tokio::time::sleep(Duration::from_millis(5)).await; // paces the attempts: about 150 a second
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let expected = f64::from(RATE) * elapsed + f64::from(RATE); // the rate, plus the burst
+    eprintln!("{ok} of {tried} carried in {elapsed:.2} s; {expected:.0} expected");
+    assert!(
+        tried as f64 > 2.0 * expected,
+        "the client did not try fast enough: {tried}"
+    );
+    assert!(
+        (f64::from(ok) - expected).abs() <= 0.2 * expected,
+        "{ok} carried, {expected:.0} expected"
+    );
+    lb.stop().await;
+}
+
+/// A spray from thousands of distinct 127.x.y.z sources through real sockets: every source is carried
+/// once and tracked, and the table stays within its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spray_from_thousands_of_sources_stays_within_the_bound() {
+    let _serial = SERIAL.lock().await;
+    let (lb, _backend) = start(config().rate_per_ip(100).max_connections_per_ip(10)).await;
+    const SOURCES: u32 = 3000;
+    for i in 0..SOURCES {
+        let from = IpAddr::V4(Ipv4Addr::new(
+            127,
+            1 + (i / 65_536) as u8,
+            (i / 256) as u8,
+            i as u8,
+        ));
+        assert!(carried(from, lb.addr).await, "source {from}");
+    }
+    let tracked = lb.handle.tracked_sources();
+    eprintln!("{tracked} sources tracked after {SOURCES}");
+    assert!(tracked <= ulb_tcp::edge::limits::MAX_SOURCES, "{tracked}");
+    assert!(
+        (SOURCES as usize / 2..=SOURCES as usize).contains(&tracked),
+        "each source is tracked, none twice: {tracked}"
+    );
     lb.stop().await;
 }

@@ -102,6 +102,17 @@ impl BalancerHandle {
         self.shared.tracker.len()
     }
 
+    /// Client sources the per-source limits track now (0 when none is set); never more than
+    /// [`edge::limits::MAX_SOURCES`](crate::edge::limits::MAX_SOURCES).
+    pub fn tracked_sources(&self) -> usize {
+        self.shared
+            .ctx
+            .settings
+            .limiter
+            .as_ref()
+            .map_or(0, |l| l.tracked())
+    }
+
     /// Clients waiting now for a backend below its cap ([`BackendConfig::max_connections`]).
     pub fn queued(&self) -> usize {
         self.registry().queue().len()
