@@ -13,13 +13,13 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{unique_port as free_port, wait_until, Backend, Proc, Running, TempDir};
+use common::{tool_or_skip, unique_port as free_port, wait_until, Backend, Proc, Running, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use ulb_tcp::{BackendConfig, BackendEvent, BalancerConfig, HealthCheck, TcpBalancer};
@@ -43,24 +43,6 @@ fn recovery_bound() -> Duration {
 
 // ---------------------------------------------------------------------------------------------------------
 // Processes, temporary directories, tools.
-
-/// Where `name` is installed (PATH, then the sbin directories that PATH may lack).
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// The tool, or `None` after saying why the test is skipped.
-fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
-    let found = find_tool(name);
-    if found.is_none() {
-        eprintln!("SKIPPED {test}: `{name}` is not installed (apt-get install redis-server nginx)");
-    }
-    found
-}
 
 fn id(addr: SocketAddr) -> String {
     addr.to_string()

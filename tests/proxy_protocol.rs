@@ -7,32 +7,16 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{unique_port as free_port, Proc, TempDir};
+use common::{tool_or_skip, unique_port as free_port, Proc, TempDir};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ulb-tcp");
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
-    let found = find_tool(name);
-    if found.is_none() {
-        eprintln!("SKIPPED {test}: `{name}` is not installed (apt-get install nginx haproxy)");
-    }
-    found
-}
 
 async fn wait_port(addr: SocketAddr, proc: &mut Proc) -> bool {
     let start = Instant::now();

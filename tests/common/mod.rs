@@ -323,3 +323,21 @@ pub fn unique_port() -> u16 {
         }
     }
 }
+
+/// Where `name` is installed (PATH, then the sbin directories that PATH may lack).
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The tool, or `None` after saying why the test is skipped (`.ci/run` installs every tool the tests use).
+pub fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
+    let found = find_tool(name);
+    if found.is_none() {
+        eprintln!("SKIPPED {test}: `{name}` is not installed (`.ci/run` installs it from Debian)");
+    }
+    found
+}
