@@ -848,6 +848,16 @@ async fn running_out_of_file_descriptors_neither_ends_nor_spins_the_server() {
     }
 }
 
+/// The descriptors process `pid` holds.
+fn open_descriptors(pid: u32) -> Vec<usize> {
+    let mut fds: Vec<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
+}
+
 /// Running out of descriptors here is this host's fault, not the backend's: it is logged once a second
 /// at most, as such, and never marks the backend down or logs it as unreachable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,11 +869,40 @@ async fn running_out_of_descriptors_is_never_blamed_on_the_backend() {
     let backend = Backend::tagged(7).await;
     let target = backend.addr.to_string();
     let (mut lb, listen, log) = start_inner(
-        &["prlimit", "--nofile=48:48"],
+        &[],
         &["--max-connections", "1000", "--backends", &target],
         true,
     )
     .await;
+    // Each client served holds two descriptors (its own and the backend's), so with an even number
+    // left an accept() always fails first and no connect ever runs out: leave an odd number. (Under a
+    // fixed `prlimit --nofile` the parity would depend on how many the process opened at start.)
+    let pid = lb.0.id();
+    let mut held = open_descriptors(pid);
+    wait_until("the descriptors to settle", Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = open_descriptors(pid);
+        std::mem::replace(&mut held, now.clone()) == now
+    })
+    .await;
+    // The kernel hands out the lowest free number below the limit: find the limit that leaves 25 free.
+    let mut limit = 0;
+    let mut free = 0;
+    while free < 25 {
+        if !held.contains(&limit) {
+            free += 1;
+        }
+        limit += 1;
+    }
+    let set = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(set.success(), "prlimit --pid failed");
     let t0 = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..3 {

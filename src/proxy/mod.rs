@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Registry;
-use crate::clock::now_ms;
+use crate::clock::OncePerSecond;
 use crate::config::{BalancerConfig, CopyMode};
 use crate::edge::{AcceptProxy, Acl, Limiter, ProxyVersion};
 use crate::metrics::GlobalMetrics;
@@ -101,8 +101,8 @@ pub(crate) struct Context {
     pub(crate) metrics: GlobalMetrics,
     /// Fired at the drain deadline: connections still open are reset.
     pub(crate) hard_stop: CancellationToken,
-    /// When the last warning of a client that could not be carried was logged (`now_ms`).
-    last_refusal_log: AtomicU64,
+    /// Opens for the warning of a client that could not be carried, once a second at most.
+    refusal_log: OncePerSecond,
 }
 
 impl Context {
@@ -116,20 +116,14 @@ impl Context {
             backends,
             metrics: GlobalMetrics::register(),
             hard_stop,
-            last_refusal_log: AtomicU64::new(0),
+            refusal_log: OncePerSecond::new(),
         }
     }
 
     /// At most one warning a second about clients that could not be carried (no backend reachable,
     /// descriptors exhausted), so that an outage does not flood the log.
     pub(crate) fn should_log_refusal(&self) -> bool {
-        let now = now_ms();
-        let last = self.last_refusal_log.load(Relaxed);
-        now.saturating_sub(last) >= 1000
-            && self
-                .last_refusal_log
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
+        self.refusal_log.open()
     }
 
     /// Why a connection's cut token fired: the hard stop, or a reset of its backend's connections.

@@ -17,9 +17,9 @@
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use crate::clock::now_ms;
+use crate::clock::OncePerSecond;
 
 /// The capacity asked for each pipe, and so the most bytes one `splice` call moves. Four times the
 /// default (64 KiB): a quarter of the system calls per byte, which brought the CPU cost per GB carried
@@ -100,14 +100,11 @@ impl NoPipe {
     /// Logs a `pipe2` failure, at most once a second in the process (the bound being reached is normal
     /// under load, and only counted).
     pub(crate) fn log(&self) {
-        static LAST: AtomicU64 = AtomicU64::new(0);
+        static GATE: OncePerSecond = OncePerSecond::new();
         let NoPipe::Failed(e) = self else {
             return;
         };
-        let (now, last) = (now_ms(), LAST.load(Relaxed));
-        if now.saturating_sub(last) >= 1000
-            && LAST.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
-        {
+        if GATE.open() {
             tracing::warn!(error = %e, "cannot open a pipe for splice; carrying bytes through a buffer");
         }
     }
