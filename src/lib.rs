@@ -133,7 +133,9 @@ pub use config::{
 pub use config::{CheckMode, HealthCheck, OnDown};
 #[cfg(target_os = "linux")]
 pub use server::PerCoreListeners;
-pub use server::{bind, BalancerHandle, Drain, ShutdownReport, TcpBalancer, MAX_THREADS};
+pub use server::{
+    bind, BalancerHandle, Drain, Listening, ShutdownReport, TcpBalancer, MAX_THREADS,
+};
 
 #[doc(hidden)]
 pub mod bench_support {

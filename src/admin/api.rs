@@ -36,7 +36,7 @@ impl ServiceView {
         ServiceView {
             name: name.to_string(),
             listen: handle
-                .local_addr()
+                .listen_addrs()
                 .iter()
                 .map(ToString::to_string)
                 .collect(),

@@ -12,6 +12,7 @@
 //! | `POST /api/v1/services/{service}/backends` | add a backend: `{"address": "127.0.0.1:8081", "weight": 2}` (and `id`, `backup`, `max_connections`); 201 |
 //! | `PATCH /api/v1/services/{service}/backends/{id}` | `{"state": "ready"\|"drain"\|"maint"}` and/or `{"weight": 3}`; 200 |
 //! | `DELETE /api/v1/services/{service}/backends/{id}[?deadline=30s]` | out of rotation at once, removed once drained (its connections reset at the deadline, by default the service's drain timeout); 202 |
+//! | `POST /api/v1/reload` | reload the configuration ([`AdminOptions::reload`]): 200 with what changed, 422 with the error (nothing changed), 409 when there is nothing to reload |
 //!
 //! Ids in paths are URL-encoded (`127.0.0.1%3A8081`). Errors are `{"error": "one line"}` with 400 (a
 //! bad value, named), 401 (a mutating call without the token), 404 (no such path, service or backend),
@@ -76,6 +77,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,11 +145,25 @@ impl AdminError {
     }
 }
 
+/// What `POST /api/v1/reload` runs: a reload of the configuration, answering what changed (a JSON
+/// object) or, when nothing changed, why not (one line).
+pub type ReloadFuture = Pin<Box<dyn Future<Output = Result<serde_json::Value, String>> + Send>>;
+
+#[derive(Clone)]
+pub(crate) struct ReloadHook(Arc<dyn Fn() -> ReloadFuture + Send + Sync>);
+
+impl std::fmt::Debug for ReloadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReloadHook")
+    }
+}
+
 /// How the admin server runs: its token, what it serves, and its limits.
 #[derive(Debug, Clone)]
 pub struct AdminOptions {
     token: Option<Token>,
     metrics: Option<PrometheusHandle>,
+    reload: Option<ReloadHook>,
     max_connections: usize,
     header_timeout: Duration,
     idle_timeout: Duration,
@@ -160,6 +176,7 @@ impl Default for AdminOptions {
         AdminOptions {
             token: None,
             metrics: None,
+            reload: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -196,6 +213,16 @@ impl AdminOptions {
     /// Serves `/metrics` from this handle ([`install_prometheus`](crate::metrics::install_prometheus)).
     pub fn metrics(mut self, handle: PrometheusHandle) -> Self {
         self.metrics = Some(handle);
+        self
+    }
+
+    /// Serves `POST /api/v1/reload` (a mutating call: it needs the token) with `reload`. Without it the
+    /// call answers 409: there is no configuration to reload.
+    pub fn reload<F>(mut self, reload: F) -> Self
+    where
+        F: Fn() -> ReloadFuture + Send + Sync + 'static,
+    {
+        self.reload = Some(ReloadHook(Arc::new(reload)));
         self
     }
 
@@ -299,6 +326,7 @@ impl AdminServer {
             services,
             token: o.token,
             metrics: o.metrics,
+            reload: o.reload,
             max_body: o.max_body,
             request_timeout: o.request_timeout,
         });

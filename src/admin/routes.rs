@@ -28,6 +28,7 @@ pub(super) struct Ctx {
     pub(super) services: Services,
     pub(super) token: Option<Token>,
     pub(super) metrics: Option<PrometheusHandle>,
+    pub(super) reload: Option<super::ReloadHook>,
     pub(super) max_body: usize,
     pub(super) request_timeout: Duration,
 }
@@ -131,6 +132,7 @@ enum Route {
     Service(String),
     Backends(String),
     Backend(String, String),
+    Reload,
 }
 
 impl Route {
@@ -155,6 +157,7 @@ impl Route {
             ["healthz"] => Route::Healthz,
             ["livez"] => Route::Livez,
             ["api", "v1", "services"] => Route::Services,
+            ["api", "v1", "reload"] => Route::Reload,
             ["api", "v1", "services", s] => Route::Service(decode(s)?),
             ["api", "v1", "services", s, "backends"] => Route::Backends(decode(s)?),
             ["api", "v1", "services", s, "backends", id] => Route::Backend(decode(s)?, decode(id)?),
@@ -167,6 +170,7 @@ impl Route {
         match self {
             Route::Backends(_) => "GET, POST",
             Route::Backend(..) => "GET, PATCH, DELETE",
+            Route::Reload => "POST",
             _ => "GET",
         }
     }
@@ -191,6 +195,8 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
     let route = Route::of(req.uri().path())?;
     let method = req.method().clone();
     let mutating = match (&route, &method) {
+        (Route::Reload, &Method::POST) => true,
+        (Route::Reload, _) => return Err(Failure::method_not_allowed(route.allowed())),
         (_, &Method::GET) => false,
         (Route::Backends(_), &Method::POST)
         | (Route::Backend(..), &Method::PATCH)
@@ -201,6 +207,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
         authorize(ctx, &req)?;
     }
     match route {
+        Route::Reload => reload(ctx).await,
         Route::Metrics => metrics(ctx),
         Route::Healthz => Ok(healthz(ctx)),
         Route::Livez => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
@@ -243,6 +250,20 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
                 _ => remove_backend(&name, &h, &id, req.uri().query()),
             }
         }
+    }
+}
+
+/// `POST /api/v1/reload`: 200 with what changed, 422 with why nothing did, 409 with nothing to reload.
+async fn reload(ctx: &Ctx) -> Result<Response<Body>, Failure> {
+    let Some(reload) = &ctx.reload else {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "no configuration file to reload: the balancer was started with flags, not --config",
+        ));
+    };
+    match (reload.0)().await {
+        Ok(report) => Ok(json(StatusCode::OK, &report)),
+        Err(why) => Err(Failure::new(StatusCode::UNPROCESSABLE_ENTITY, why)),
     }
 }
 

@@ -54,6 +54,29 @@ impl Services {
         Ok(())
     }
 
+    /// Whether `name` may name a service: 1 to 64 characters among letters, digits, `-`, `_` and `.`.
+    pub fn check_name(name: &str) -> Result<(), AdminError> {
+        check_name(name)
+    }
+
+    /// Puts `handle` in the place of the service `name` (a reload that rebuilt it), keeping its
+    /// position; adds it if there is none. Its previous handle, if there was one.
+    pub fn replace(
+        &self,
+        name: &str,
+        handle: BalancerHandle,
+    ) -> Result<Option<BalancerHandle>, AdminError> {
+        check_name(name)?;
+        let mut all = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        match all.iter_mut().find(|(n, _)| n == name) {
+            Some((_, h)) => Ok(Some(std::mem::replace(h, handle))),
+            None => {
+                all.push((name.to_string(), handle));
+                Ok(None)
+            }
+        }
+    }
+
     /// Removes the service `name`; its handle, if there was one.
     pub fn remove(&self, name: &str) -> Option<BalancerHandle> {
         let mut all = self.inner.write().unwrap_or_else(|p| p.into_inner());

@@ -71,6 +71,15 @@ pub const CHECK_DURATION_SECONDS: &str = "ulb_check_duration_seconds";
 pub const CHECK_FAILURES_TOTAL: &str = "ulb_check_failures_total";
 /// Always 1, with the `version` label.
 pub const BUILD_INFO: &str = "ulb_build_info";
+/// Reloads of the configuration file, by `result`: `ok` or `error` (the file was refused and the old
+/// configuration kept serving).
+pub const CONFIG_RELOADS_TOTAL: &str = "ulb_config_reloads_total";
+/// When the configuration last loaded (at start, or a reload that was applied), as Unix seconds.
+pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
+    "ulb_config_last_reload_success_timestamp_seconds";
+/// The configuration in force, as a 32-bit FNV-1a hash of the file (exact in a float): it changes
+/// when a reload applied a changed file.
+pub const CONFIG_HASH: &str = "ulb_config_hash";
 
 /// Label values of [`BYTES_TOTAL`]'s `direction`.
 pub const DIRECTION_CLIENT_TO_BACKEND: &str = "client_to_backend";
@@ -196,6 +205,19 @@ pub fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Always 1; the version label names the build.");
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        "Reloads of the configuration file, by result (ok, error: the old one kept serving)."
+    );
+    describe_gauge!(
+        CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP,
+        Unit::Seconds,
+        "When the configuration last loaded, at start or by a reload, as Unix time."
+    );
+    describe_gauge!(
+        CONFIG_HASH,
+        "FNV-1a (32 bits) of the configuration file in force."
+    );
     describe_pool();
 }
 

@@ -82,7 +82,7 @@ impl BalancerHandle {
 
     /// The address being served, once [`TcpBalancer::serve`](crate::TcpBalancer::serve) has started.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.shared.local_addr.get().copied()
+        self.shared.listen_addrs().first().copied()
     }
 
     /// How long a graceful shutdown waits for connections in flight

@@ -12,13 +12,14 @@ mod background;
 mod drain;
 mod handle;
 mod listen;
+mod listening;
 #[cfg(target_os = "linux")]
 mod per_core;
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -33,6 +34,7 @@ use crate::proxy::{Context, Settings};
 
 pub use handle::{BalancerHandle, Drain};
 pub use listen::bind;
+pub use listening::Listening;
 #[cfg(target_os = "linux")]
 pub use per_core::PerCoreListeners;
 
@@ -51,7 +53,28 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     /// The connection limit: a permit per connection carried.
     pub(crate) limit: Arc<Semaphore>,
-    pub(crate) local_addr: OnceLock<SocketAddr>,
+    /// The addresses accepted on now, in the order their listeners were attached (one entry per
+    /// accept loop: the per-core listeners of one address count once).
+    pub(crate) listeners: Mutex<Vec<SocketAddr>>,
+}
+
+impl Shared {
+    /// Records that a listener on `addr` started (`true`) or stopped accepting.
+    pub(crate) fn listening(&self, addr: SocketAddr, on: bool) {
+        let mut all = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            all.push(addr);
+        } else if let Some(i) = all.iter().position(|a| *a == addr) {
+            all.remove(i);
+        }
+    }
+
+    pub(crate) fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// A Layer-4 TCP load balancer.
@@ -132,7 +155,7 @@ impl TcpBalancer {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             limit,
-            local_addr: OnceLock::new(),
+            listeners: Mutex::new(Vec::new()),
         };
         Ok(TcpBalancer {
             shared: Arc::new(shared),
@@ -165,7 +188,7 @@ impl TcpBalancer {
     ) -> io::Result<ShutdownReport> {
         let shared = self.shared;
         let addr = listener.local_addr()?;
-        let _ = shared.local_addr.set(addr);
+        shared.listening(addr, true);
         #[cfg(unix)]
         listen::set_listener_nodelay(&listener);
         tracing::info!(
@@ -185,6 +208,23 @@ impl TcpBalancer {
         }
         drop(listener);
         Ok(drain::drain(&shared).await)
+    }
+
+    /// Runs the balancer with the listeners attached through [`BalancerHandle::accept_on`], before or
+    /// while it runs, until `shutdown` completes or [`BalancerHandle::shutdown`] is called; then every
+    /// accept loop stops at once, connections in flight drain up to the drain timeout, what is left is
+    /// closed, and it returns. A listener socket closes once its last [`Listening`] and every other
+    /// holder of it are dropped: the caller owns that moment (a configuration reload hands a listener
+    /// over to the next balancer without closing it).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> ShutdownReport {
+        let shared = self.shared;
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = background::run(&shared) => {}
+            () = &mut shutdown => {}
+            () = shared.shutdown.cancelled() => {}
+        }
+        drain::drain(&shared).await
     }
 
     /// Like [`serve`](Self::serve), on [`listeners.threads()`](crate::PerCoreListeners::threads) threads

@@ -163,7 +163,7 @@ pub(crate) async fn serve(
 ) -> io::Result<ShutdownReport> {
     let PerCoreListeners { sockets, addr } = listeners;
     let threads = sockets.len();
-    let _ = shared.local_addr.set(addr);
+    shared.listening(addr, true);
     // Every runtime is built before any thread starts, so that this failure leaves nothing running.
     let runtimes = (0..threads)
         .map(|_| {

@@ -341,3 +341,22 @@ pub fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// A fixed loopback port below the ephemeral range (20000-32000), free now and never handed out before
+/// by this test binary: for configuration files, which name their ports.
+pub fn fixed_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let start = 20_000 + (std::process::id() % 12_000) as u16;
+    let mut given = GIVEN.lock().unwrap();
+    for i in 0..12_000u16 {
+        let port = 20_000 + (start - 20_000 + i * 7) % 12_000;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32000");
+}

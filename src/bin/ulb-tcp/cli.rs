@@ -17,6 +17,8 @@ use ulb_tcp::{
 const EXAMPLES: &str = "\
 Examples:
   ulb-tcp --listen 127.0.0.1:3000 --backends 127.0.0.1:8081,127.0.0.1:8082
+  ulb-tcp --config /etc/ulb-tcp/ulb.toml        (several services; SIGHUP reloads the file)
+  ulb-tcp check /etc/ulb-tcp/ulb.toml           (exit 0, or 2 with FILE:LINE: message)
   ulb-tcp cluster -p 4 --base-port 8081 --listen 127.0.0.1:3000 -- python3 -m http.server {port}
   ulb-tcp --listen 0.0.0.0:6379 --backends redis-a:6379@3 --backends redis-b:6379 \\
           --strategy least-connections --idle-timeout 1h --admin 127.0.0.1:9100
@@ -44,17 +46,35 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Subcommand>,
 
+    /// Run the services of a TOML configuration file (see ulb.example.toml) instead of one service from
+    /// flags; SIGHUP or `POST /api/v1/reload` reloads it. Every balancer flag is a key of a
+    /// [[services]] table; only --log-format may be given with it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
     /// The balancer's flags (without a subcommand).
     #[command(flatten)]
     pub balancer: BalancerArgs,
 }
 
-/// Subcommands.
+/// Subcommands (parsed once, at start: their sizes do not matter).
 #[derive(Debug, clap::Subcommand)]
+#[allow(clippy::large_enum_variant)]
 pub enum Subcommand {
     /// Supervise N worker processes of any program, optionally behind the balancer.
     #[command(after_help = CLUSTER_EXAMPLES)]
     Cluster(ClusterArgs),
+    /// Check a configuration file without running it: exit 0 if it would load, 2 with FILE:LINE:
+    /// message if not. Host names are resolved; nothing is bound.
+    Check(CheckFileArgs),
+}
+
+/// `ulb-tcp check` arguments.
+#[derive(Debug, clap::Args)]
+pub struct CheckFileArgs {
+    /// The TOML configuration file.
+    #[arg(value_name = "FILE")]
+    pub file: std::path::PathBuf,
 }
 
 const CLUSTER_EXAMPLES: &str = "\
@@ -179,13 +199,7 @@ pub struct BalancerArgs {
     /// Backends as HOST:PORT, comma-separated; the flag may repeat. Host names are resolved at start.
     /// A weight (1-256, default 1) follows an '@': `app-1:8080@3` takes three times the share of a
     /// weight-1 backend. Example: --backends 10.0.0.1:80@2,10.0.0.2:80
-    #[arg(
-        long,
-        short = 'b',
-        value_name = "LIST",
-        value_delimiter = ',',
-        required = true
-    )]
+    #[arg(long, short = 'b', value_name = "LIST", value_delimiter = ',')]
     pub backends: Vec<BackendSpec>,
 
     /// Backup backends, HOST:PORT[@WEIGHT], comma-separated, repeatable: used only while no backend of

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::process::ExitCode;
 
-use clap::Parser;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::runtime::Builder;
 use tracing_subscriber::EnvFilter;
@@ -16,7 +15,10 @@ use ulb_tcp::signal::StopSignals;
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
 mod cli;
+mod file;
+mod fleet;
 
+use clap::{CommandFactory, FromArgMatches};
 use cli::{AdminArgs, BalancerArgs, Cli, ClusterArgs, LogFormat, RuntimeArg};
 
 /// Bad flags or values.
@@ -25,8 +27,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) if e.use_stderr() => {
             eprintln!("ulb-tcp: {}", cli::usage_error_line(&e));
             return ExitCode::from(EXIT_USAGE);
@@ -37,8 +42,32 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    if let Some(cli::Subcommand::Cluster(args)) = cli.command {
-        return cluster_main(args);
+    match cli.command {
+        Some(cli::Subcommand::Cluster(args)) => return cluster_main(args),
+        Some(cli::Subcommand::Check(args)) => return check_main(&args.file),
+        None => {}
+    }
+    if let Some(path) = cli.config {
+        // With a file, the flags of a service belong in the file.
+        let given: Vec<String> = matches
+            .ids()
+            .filter(|id| !matches!(id.as_str(), "config" | "log_format"))
+            .filter(|id| {
+                matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| format!("--{}", id.as_str().replace('_', "-")))
+            .collect();
+        if let Some(flag) = given.first() {
+            eprintln!(
+                "ulb-tcp: {flag} cannot be given with --config: set {} in the file",
+                flag.trim_start_matches("--").replace('-', "_")
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let log_format = (matches.value_source("log_format")
+            == Some(clap::parser::ValueSource::CommandLine))
+        .then_some(cli.balancer.log_format);
+        return file_main(&path, log_format);
     }
     let cli = cli.balancer;
     init_logging(cli.log_format);
@@ -231,6 +260,199 @@ fn cluster_main(args: ClusterArgs) -> ExitCode {
     })
 }
 
+/// `ulb-tcp check FILE`: 0 when the file would load, 2 with `FILE:LINE: message` when not.
+fn check_main(path: &std::path::Path) -> ExitCode {
+    let runtime = match runtime(&mut Builder::new_current_thread()) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(file::load(path, raise_fd_limit())) {
+        Ok(config) => {
+            let backends: usize = config
+                .services
+                .iter()
+                .map(|s| s.config.backends.len())
+                .sum();
+            let listeners: usize = config.services.iter().map(|s| s.listen.len()).sum();
+            println!(
+                "{}: ok ({} services, {listeners} listeners, {backends} backends; hash {:08x})",
+                path.display(),
+                config.services.len(),
+                config.hash
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ulb-tcp: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+/// A reload asked through the admin API, and where its answer goes.
+type ReloadRequest = tokio::sync::oneshot::Sender<Result<serde_json::Value, String>>;
+
+/// `ulb-tcp --config FILE`: the file's services, on one work-stealing runtime, reloaded on SIGHUP and
+/// `POST /api/v1/reload`.
+fn file_main(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode {
+    let fd_limit = raise_fd_limit();
+    // Read before logging starts and before the runtime is sized: both come from the file.
+    let loaded = match Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(file::load(path, fd_limit)),
+        Err(e) => {
+            eprintln!("ulb-tcp: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ulb-tcp: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_logging(log_format.or(config.log_format).unwrap_or(LogFormat::Text));
+    let threads = config
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
+    let mut builder = Builder::new_multi_thread();
+    builder.worker_threads(threads.get());
+    let runtime = match runtime(&mut builder) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    runtime.block_on(run_file(path.to_path_buf(), config, fd_limit))
+}
+
+async fn run_file(
+    path: std::path::PathBuf,
+    config: file::FileConfig,
+    fd_limit: Option<u64>,
+) -> ExitCode {
+    let signals = StopSignals::install();
+    #[cfg(unix)]
+    let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot catch SIGHUP; reload through the admin API only");
+            None
+        }
+    };
+    let (reload_tx, mut reloads) = tokio::sync::mpsc::channel::<ReloadRequest>(8);
+    let options = AdminOptions::new().reload(move || {
+        let tx = reload_tx.clone();
+        Box::pin(async move {
+            let (answer, answered) = tokio::sync::oneshot::channel();
+            tx.send(answer)
+                .await
+                .map_err(|_| "the balancer is shutting down".to_string())?;
+            answered
+                .await
+                .map_err(|_| "the balancer is shutting down".to_string())?
+        })
+    });
+    let admin_args = config.admin.clone();
+    let admin_server = match bind_admin_with(&admin_args, options) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    tracing::info!(
+        config = %path.display(),
+        services = config.services.len(),
+        hash = format!("{:08x}", config.hash),
+        "ulb-tcp {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    let services = Services::new();
+    let mut fleet = match fleet::Fleet::start(config, services.clone()).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("ulb-tcp: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let admin = RunningAdmin::start(admin_server, services);
+    let stop = signals.stop_then_force(
+        "shutdown signal received; draining every service (send it again to exit at once)",
+        "second signal; resetting the connections still open and exiting",
+        {
+            let handles = fleet.handles();
+            move || {
+                FORCED.store(true, Ordering::Relaxed);
+                for h in handles {
+                    h.force_shutdown();
+                }
+            }
+        },
+    );
+    tokio::pin!(stop);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match &mut hangups {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            () = &mut stop => break,
+            Some(()) = hangup => {
+                tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                let _ = reload(&mut fleet, &path, fd_limit, &admin_args).await;
+            }
+            Some(answer) = reloads.recv() => {
+                tracing::info!(config = %path.display(), "admin API: reloading the configuration");
+                let _ = answer.send(reload(&mut fleet, &path, fd_limit, &admin_args).await);
+            }
+        }
+    }
+    // The forced shutdown reaches services started by reloads too.
+    let handles = fleet.handles();
+    let forced = tokio::spawn(async move {
+        if FORCED.load(Ordering::Relaxed) {
+            for h in handles {
+                h.force_shutdown();
+            }
+        }
+    });
+    let _ = forced.await;
+    fleet.shutdown().await;
+    admin.stop().await;
+    if FORCED.load(Ordering::Relaxed) {
+        ExitCode::from(EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Reads `path` again and applies it; the old configuration goes on serving if it is not valid.
+async fn reload(
+    fleet: &mut fleet::Fleet,
+    path: &std::path::Path,
+    fd_limit: Option<u64>,
+    admin: &AdminArgs,
+) -> Result<serde_json::Value, String> {
+    let config = match file::load(path, fd_limit).await {
+        Ok(c) => c,
+        Err(e) => {
+            let why = e.to_string();
+            fleet::Fleet::refused(&why);
+            return Err(why);
+        }
+    };
+    let restart = (config.admin.addr() != admin.addr()
+        || config.admin.admin_token_file != admin.admin_token_file)
+        .then(|| "[admin] changed: it applies at the next restart".to_string());
+    let mut report = fleet.reload(config).await?;
+    if let (Some(note), Some(obj)) = (restart, report.as_object_mut()) {
+        tracing::warn!("{note}");
+        obj.insert("restart_needed".into(), serde_json::Value::String(note));
+    }
+    Ok(report)
+}
+
 /// Set by a second signal: the balancer was stopped at once, and the command exits 1.
 static FORCED: AtomicBool = AtomicBool::new(false);
 
@@ -254,6 +476,14 @@ async fn shutdown_signal(handle: BalancerHandle, signals: StopSignals) {
 /// `None` without. Else the exit code, after saying why: 2 for what was asked (no token, a bad token
 /// file), 1 for the system (the address in use).
 fn bind_admin(args: &AdminArgs) -> Result<Option<AdminServer>, ExitCode> {
+    bind_admin_with(args, AdminOptions::new())
+}
+
+/// [`bind_admin`] with `options` to start from (a reload hook).
+fn bind_admin_with(
+    args: &AdminArgs,
+    options: AdminOptions,
+) -> Result<Option<AdminServer>, ExitCode> {
     let Some(addr) = args.addr() else {
         return Ok(None);
     };
@@ -265,7 +495,7 @@ fn bind_admin(args: &AdminArgs) -> Result<Option<AdminServer>, ExitCode> {
             EXIT_FAILURE
         })
     };
-    let mut options = AdminOptions::new();
+    let mut options = options;
     if let Some(path) = &args.admin_token_file {
         options = options.token_file(path).map_err(fail)?;
     }
