@@ -55,6 +55,9 @@ pub enum Subcommand {
     /// Supervise N worker processes of any program, optionally behind the balancer.
     #[command(after_help = CLUSTER_EXAMPLES)]
     Cluster(ClusterArgs),
+    /// Talk to a running balancer's admin API: status, drain, ready, maint, weight, add, remove, reload.
+    #[command(after_help = crate::ctl::CTL_EXAMPLES)]
+    Ctl(crate::ctl::CtlArgs),
 }
 
 const CLUSTER_EXAMPLES: &str = "\

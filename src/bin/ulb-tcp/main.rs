@@ -16,6 +16,7 @@ use ulb_tcp::signal::StopSignals;
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
 mod cli;
+mod ctl;
 
 use cli::{AdminArgs, BalancerArgs, Cli, ClusterArgs, LogFormat, RuntimeArg};
 
@@ -39,6 +40,9 @@ fn main() -> ExitCode {
     };
     if let Some(cli::Subcommand::Cluster(args)) = cli.command {
         return cluster_main(args);
+    }
+    if let Some(cli::Subcommand::Ctl(args)) = cli.command {
+        return ctl::main(args);
     }
     let cli = cli.balancer;
     init_logging(cli.log_format);
