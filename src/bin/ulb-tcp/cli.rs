@@ -50,13 +50,15 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once at start: the size of the larger variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum Subcommand {
     /// Supervise N worker processes of any program, optionally behind the balancer.
     #[command(after_help = CLUSTER_EXAMPLES)]
     Cluster(ClusterArgs),
     /// Talk to a running balancer's admin API: status, drain, ready, maint, weight, add, remove, reload.
-    #[command(after_help = crate::ctl::CTL_EXAMPLES)]
+    #[command(after_help = crate::ctl::CTL_EXAMPLES, arg_required_else_help = false)]
     Ctl(crate::ctl::CtlArgs),
 }
 
@@ -754,7 +756,7 @@ pub fn usage_error_line(e: &clap::Error) -> String {
 
 /// `s` with every control character, line breaks included, written as an escape (`\n`, `\u{1b}`), so
 /// that no value can break the line it is quoted in, or send the terminal a command.
-fn escape_controls(s: &str) -> String {
+pub fn escape_controls(s: &str) -> String {
     s.chars()
         .fold(String::with_capacity(s.len()), |mut out, c| {
             if c.is_control() {

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::{json, Value as Json};
 
-use crate::cli::{parse_count, parse_duration};
+use crate::cli::{escape_controls, parse_count, parse_duration};
 use crate::{EXIT_FAILURE, EXIT_USAGE};
 
 /// The admin address without `--admin` or `ULB_ADMIN`.
@@ -526,15 +526,7 @@ fn io_words(e: &std::io::Error) -> String {
 /// `s` with every control character escaped, so that what the server sent cannot break a line or send
 /// the terminal a command.
 fn one_line(s: &str) -> String {
-    s.chars()
-        .fold(String::with_capacity(s.len()), |mut out, c| {
-            if c.is_control() {
-                out.extend(c.escape_default());
-            } else {
-                out.push(c);
-            }
-            out
-        })
+    escape_controls(s)
 }
 
 /// At most `n` characters of `s`, on one line.
