@@ -725,8 +725,18 @@ async fn a_reload_makes_each_service_what_the_file_says_and_keeps_admin_states()
     ulb.rewrite(&format!(
         "{text}\n[[services]]\nname = \"other\"\nlisten = \"{l3}\"\nbackends = [\"{ida}\"]\n"
     ));
-    let (s, body) = http(admin, "POST", "/api/v1/reload", "").await.unwrap();
-    assert_eq!(s, 200, "{body}");
+    // Through `ulb-tcp ctl reload`, the operator's way.
+    let out = Command::new(BIN)
+        .args(["ctl", "--admin", &admin.to_string(), "reload"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("reload: ok"), "{said}");
     let a_now = ulb.backend("web", &ida).await.unwrap();
     assert_eq!(a_now["state"], "drain", "{a_now}");
     let b_now = ulb.backend("web", &idb).await.unwrap();

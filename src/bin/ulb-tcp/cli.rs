@@ -57,7 +57,8 @@ pub struct Cli {
     pub balancer: BalancerArgs,
 }
 
-/// Subcommands (parsed once, at start: their sizes do not matter).
+/// Subcommands.
+// Parsed once at start: the size of the larger variant costs nothing worth a Box.
 #[derive(Debug, clap::Subcommand)]
 #[allow(clippy::large_enum_variant)]
 pub enum Subcommand {
@@ -67,6 +68,9 @@ pub enum Subcommand {
     /// Check a configuration file without running it: exit 0 if it would load, 2 with FILE:LINE:
     /// message if not. Host names are resolved; nothing is bound.
     Check(CheckFileArgs),
+    /// Talk to a running balancer's admin API: status, drain, ready, maint, weight, add, remove, reload.
+    #[command(after_help = crate::ctl::CTL_EXAMPLES, arg_required_else_help = false)]
+    Ctl(crate::ctl::CtlArgs),
 }
 
 /// `ulb-tcp check` arguments.
@@ -765,7 +769,7 @@ pub fn usage_error_line(e: &clap::Error) -> String {
 
 /// `s` with every control character, line breaks included, written as an escape (`\n`, `\u{1b}`), so
 /// that no value can break the line it is quoted in, or send the terminal a command.
-fn escape_controls(s: &str) -> String {
+pub fn escape_controls(s: &str) -> String {
     s.chars()
         .fold(String::with_capacity(s.len()), |mut out, c| {
             if c.is_control() {

@@ -15,6 +15,7 @@ use ulb_tcp::signal::StopSignals;
 use ulb_tcp::{BalancerHandle, ShutdownReport, TcpBalancer};
 
 mod cli;
+mod ctl;
 mod file;
 mod fleet;
 
@@ -45,6 +46,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(cli::Subcommand::Cluster(args)) => return cluster_main(args),
         Some(cli::Subcommand::Check(args)) => return check_main(&args.file),
+        Some(cli::Subcommand::Ctl(args)) => return ctl::main(args),
         None => {}
     }
     if let Some(path) = cli.config {
