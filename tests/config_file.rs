@@ -671,6 +671,11 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
         "{m}"
     );
     assert!(m.contains("ulb_config_hash"), "{m}");
+    // Per-backend series carry the service's name.
+    assert!(
+        m.contains(&format!("ulb_connections_total{{service=\"web\",backend=\"{ida}\"}}")),
+        "{m}"
+    );
     drop(ulb);
 }
 

@@ -17,4 +17,6 @@ pub(crate) struct Policy {
     /// Active checks decide when a backend is up: passive failures take it down, and only `rise`
     /// passing checks bring it back.
     pub(crate) checked: bool,
+    /// The service's name, for the `service` label of its backends' metrics.
+    pub(crate) service: Option<std::sync::Arc<str>>,
 }

@@ -98,6 +98,11 @@ pub(crate) const WEIGHT_UNITS: u32 = 16;
 const MIN_ADMISSION: u32 = FULL_ADMISSION / 64;
 
 impl Backend {
+    /// The name of its service, if the balancer has one (the `service` label of its metrics).
+    pub(crate) fn service(&self) -> Option<&str> {
+        self.policy.service.as_deref()
+    }
+
     /// A backend for `config`. `joining`: it joins a running service, so slow start (if on) applies.
     /// Under active checks it starts down, until its first check passes.
     pub(crate) fn new(
@@ -108,7 +113,7 @@ impl Backend {
         events: EventSender,
         queue: Arc<WaitQueue>,
     ) -> Self {
-        let metrics = BackendMetrics::register(&config.id);
+        let metrics = BackendMetrics::register(policy.service.as_deref(), &config.id);
         metrics.set_weight(config.weight);
         let checked_down = policy.checked;
         metrics.set_up(!checked_down);

@@ -201,6 +201,10 @@ pub struct BalancerConfig {
     pub replay_limit: usize,
     /// Seed for the random and p2c strategies; `None` takes one from the OS.
     pub seed: Option<u64>,
+    /// The service's name, when one process runs several: every per-backend metric then carries it as
+    /// a `service` label, so that two services with a backend of the same id never share a series
+    /// (default `None`: no label).
+    pub service: Option<String>,
     /// A backend that joins, or comes back up, ramps its effective weight from near 0 to full over this
     /// long, with every strategy (default 0: off).
     pub slow_start: Duration,
@@ -253,6 +257,7 @@ impl BalancerConfig {
             copy_mode: CopyMode::Auto,
             replay_limit: 0,
             seed: None,
+            service: None,
             slow_start: Duration::ZERO,
             on_down: OnDown::Keep,
             max_queue: 10_000,
@@ -368,6 +373,11 @@ impl BalancerConfig {
     /// (0 turns replay off; see [`BalancerConfig::replay_limit`]).
     pub fn replay_limit(mut self, bytes: usize) -> Self {
         self.replay_limit = bytes;
+        self
+    }
+    /// Names the service (see [`BalancerConfig::service`]).
+    pub fn service(mut self, name: impl Into<String>) -> Self {
+        self.service = Some(name.into());
         self
     }
     /// Seeds the random and p2c strategies (for reproducible tests).

@@ -215,7 +215,7 @@ async fn watch(
     start: Start,
     retarget: Arc<Notify>,
 ) {
-    let metrics = CheckMetrics::register(backend.id().as_str());
+    let metrics = CheckMetrics::register(backend.service(), backend.id().as_str());
     let mut streak = Streak::new(check.rise, check.fall);
     let began = Instant::now();
     let mut next = began + start.first;

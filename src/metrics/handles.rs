@@ -13,6 +13,21 @@ use super::{
     QUEUE_LENGTH, QUEUE_WAIT_SECONDS, SPLICE_FALLBACKS_TOTAL,
 };
 
+/// The labels of a backend's series: `service` (when the balancer has a name), `backend`, then `more`.
+fn labels(
+    service: Option<&str>,
+    backend: &str,
+    more: &[(&'static str, &str)],
+) -> Vec<(&'static str, String)> {
+    let mut all = Vec::with_capacity(2 + more.len());
+    if let Some(s) = service {
+        all.push(("service", s.to_string()));
+    }
+    all.push(("backend", backend.to_string()));
+    all.extend(more.iter().map(|(k, v)| (*k, v.to_string())));
+    all
+}
+
 /// Per-backend handles, registered once.
 #[derive(Debug)]
 pub(crate) struct BackendMetrics {
@@ -32,40 +47,35 @@ pub(crate) struct BackendMetrics {
 }
 
 impl BackendMetrics {
-    pub(crate) fn register(backend: &str) -> Self {
-        let b = || ("backend", backend.to_string());
+    pub(crate) fn register(service: Option<&str>, backend: &str) -> Self {
+        let labels = |more: &[(&'static str, &str)]| labels(service, backend, more);
+        let b = || labels(&[]);
         let errors = |reason: ConnectFailure| {
             counter!(
                 CONNECT_ERRORS_TOTAL,
-                &[b(), ("reason", reason.as_str().to_string())]
+                &labels(&[("reason", reason.as_str())])
             )
         };
         BackendMetrics {
-            connections: counter!(CONNECTIONS_TOTAL, &[b()]),
-            active: gauge!(CONNECTIONS_ACTIVE, &[b()]),
+            connections: counter!(CONNECTIONS_TOTAL, &b()),
+            active: gauge!(CONNECTIONS_ACTIVE, &b()),
             bytes_to_backend: counter!(
                 BYTES_TOTAL,
-                &[b(), ("direction", DIRECTION_CLIENT_TO_BACKEND.to_string())]
+                &labels(&[("direction", DIRECTION_CLIENT_TO_BACKEND)])
             ),
             bytes_to_client: counter!(
                 BYTES_TOTAL,
-                &[b(), ("direction", DIRECTION_BACKEND_TO_CLIENT.to_string())]
+                &labels(&[("direction", DIRECTION_BACKEND_TO_CLIENT)])
             ),
             refused: errors(ConnectFailure::Refused),
             timeout: errors(ConnectFailure::Timeout),
             other: errors(ConnectFailure::Other),
             unanswered: errors(ConnectFailure::Unanswered),
-            connect_duration: histogram!(CONNECT_DURATION_SECONDS, &[b()]),
-            up: gauge!(BACKEND_UP, &[b()]),
-            weight: gauge!(BACKEND_WEIGHT, &[b()]),
-            went_up: counter!(
-                BACKEND_STATE_CHANGES_TOTAL,
-                &[b(), ("to", "up".to_string())]
-            ),
-            went_down: counter!(
-                BACKEND_STATE_CHANGES_TOTAL,
-                &[b(), ("to", "down".to_string())]
-            ),
+            connect_duration: histogram!(CONNECT_DURATION_SECONDS, &b()),
+            up: gauge!(BACKEND_UP, &b()),
+            weight: gauge!(BACKEND_WEIGHT, &b()),
+            went_up: counter!(BACKEND_STATE_CHANGES_TOTAL, &labels(&[("to", "up")])),
+            went_down: counter!(BACKEND_STATE_CHANGES_TOTAL, &labels(&[("to", "down")])),
         }
     }
 
@@ -111,18 +121,15 @@ pub(crate) struct CheckMetrics {
 }
 
 impl CheckMetrics {
-    pub(crate) fn register(backend: &str) -> Self {
+    pub(crate) fn register(service: Option<&str>, backend: &str) -> Self {
         let failures = CheckFailure::ALL.map(|reason| {
             counter!(
                 CHECK_FAILURES_TOTAL,
-                &[
-                    ("backend", backend.to_string()),
-                    ("reason", reason.as_str().to_string())
-                ]
+                &labels(service, backend, &[("reason", reason.as_str())])
             )
         });
         CheckMetrics {
-            duration: histogram!(CHECK_DURATION_SECONDS, &[("backend", backend.to_string())]),
+            duration: histogram!(CHECK_DURATION_SECONDS, &labels(service, backend, &[])),
             failures,
         }
     }

@@ -139,6 +139,7 @@ impl TcpBalancer {
             slow_start: config.slow_start,
             on_down: config.on_down,
             checked: config.is_checked(),
+            service: config.service.as_deref().map(Arc::from),
         };
         let registry = Registry::new(
             config.strategy,

@@ -506,6 +506,7 @@ impl Doc<'_> {
                 )
             })?;
         }
+        config.service = Some(name.clone());
         config.validate().map_err(|e| {
             self.err(
                 at,
