@@ -673,7 +673,9 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
     assert!(m.contains("ulb_config_hash"), "{m}");
     // Per-backend series carry the service's name.
     assert!(
-        m.contains(&format!("ulb_connections_total{{service=\"web\",backend=\"{ida}\"}}")),
+        m.contains(&format!(
+            "ulb_connections_total{{service=\"web\",backend=\"{ida}\"}}"
+        )),
         "{m}"
     );
     drop(ulb);
@@ -808,4 +810,54 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The README's key table names every flag of a service as a key (a flag added later must be
+/// documented as a key too).
+#[test]
+fn the_readme_documents_every_key() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("## Operating ulb-tcp")
+        .expect("no Operating section");
+    let end = start + readme[start..].find("## Admin server and API").unwrap();
+    let section = &readme[start..end];
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let process = [
+        "help",
+        "version",
+        "config",
+        "admin",
+        "metrics",
+        "admin-token-file",
+        "log-format",
+        "runtime",
+        "threads",
+    ];
+    let mut checked = 0;
+    for line in help.lines() {
+        let t = line.trim_start();
+        let Some(rest) = t
+            .strip_prefix("--")
+            .or_else(|| t.get(4..).and_then(|r| r.strip_prefix("--")))
+        else {
+            continue;
+        };
+        let flag: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        if flag.is_empty() || process.contains(&flag.as_str()) {
+            continue;
+        }
+        let key = flag.replace('-', "_");
+        assert!(
+            section.contains(&format!("`{key}`")),
+            "README lacks the key `{key}` (--{flag})"
+        );
+        checked += 1;
+    }
+    assert!(checked > 30, "only {checked} flags found in --help");
 }
