@@ -15,6 +15,7 @@ use super::api::{
     self, AddBackend, BackendView, ErrorBody, Healthz, PatchBackend, Removing, ServiceHealth,
     ServiceView, ServicesView,
 };
+use super::page;
 use super::token::Token;
 use super::Services;
 use crate::metrics::PrometheusHandle;
@@ -124,6 +125,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
 
 /// The routes, as path shapes.
 enum Route {
+    Page,
     Metrics,
     Healthz,
     Livez,
@@ -151,6 +153,7 @@ impl Route {
                 })
         };
         Ok(match raw.as_slice() {
+            [""] => Route::Page,
             ["metrics"] => Route::Metrics,
             ["healthz"] => Route::Healthz,
             ["livez"] => Route::Livez,
@@ -167,6 +170,7 @@ impl Route {
         match self {
             Route::Backends(_) => "GET, POST",
             Route::Backend(..) => "GET, PATCH, DELETE",
+            Route::Page => "GET, HEAD",
             _ => "GET",
         }
     }
@@ -191,7 +195,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
     let route = Route::of(req.uri().path())?;
     let method = req.method().clone();
     let mutating = match (&route, &method) {
-        (_, &Method::GET) => false,
+        (_, &Method::GET) | (Route::Page, &Method::HEAD) => false,
         (Route::Backends(_), &Method::POST)
         | (Route::Backend(..), &Method::PATCH)
         | (Route::Backend(..), &Method::DELETE) => true,
@@ -201,6 +205,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
         authorize(ctx, &req)?;
     }
     match route {
+        Route::Page => Ok(page::page()),
         Route::Metrics => metrics(ctx),
         Route::Healthz => Ok(healthz(ctx)),
         Route::Livez => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
