@@ -51,7 +51,14 @@ mod tests {
     #[test]
     fn the_page_is_self_contained() {
         // Nothing is loaded from another origin, and API strings never go through innerHTML.
-        for banned in ["http://", "https://", "src=", "innerHTML", "@import", "url("] {
+        for banned in [
+            "http://",
+            "https://",
+            "src=",
+            "innerHTML",
+            "@import",
+            "url(",
+        ] {
             assert!(!PAGE.contains(banned), "page.html holds {banned:?}");
         }
         let res = page();
