@@ -3,6 +3,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
+//! | `GET /` | the status page: one self-contained HTML page that shows the services and backends and refreshes itself from `/api/v1/services`; with the token typed in, buttons to drain, ready or maint a backend |
 //! | `GET /metrics` | the Prometheus text format (with [`AdminOptions::metrics`]) |
 //! | `GET /healthz` | readiness: 200 while every service serves with a backend in rotation; 503 while one shuts down or has none in rotation |
 //! | `GET /livez` | liveness: 200 while the process serves, draining included |
@@ -67,6 +68,7 @@
 //! ```
 
 mod api;
+mod page;
 mod ratelimit;
 mod routes;
 mod server;
@@ -334,7 +336,7 @@ impl AdminServer {
             addr = %self.addr,
             token = ctx.token.is_some(),
             metrics = ctx.metrics.is_some(),
-            "admin server listening (/metrics, /healthz, /livez, /api/v1)"
+            "admin server listening (/, /metrics, /healthz, /livez, /api/v1)"
         );
         server::serve(listener, ctx, limits, shutdown).await;
         Ok(())

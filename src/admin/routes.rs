@@ -15,6 +15,7 @@ use super::api::{
     self, AddBackend, BackendView, ErrorBody, Healthz, PatchBackend, Removing, ServiceHealth,
     ServiceView, ServicesView,
 };
+use super::page;
 use super::token::Token;
 use super::Services;
 use crate::metrics::PrometheusHandle;
@@ -125,6 +126,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
 
 /// The routes, as path shapes.
 enum Route {
+    Page,
     Metrics,
     Healthz,
     Livez,
@@ -153,6 +155,7 @@ impl Route {
                 })
         };
         Ok(match raw.as_slice() {
+            [""] => Route::Page,
             ["metrics"] => Route::Metrics,
             ["healthz"] => Route::Healthz,
             ["livez"] => Route::Livez,
@@ -171,6 +174,7 @@ impl Route {
             Route::Backends(_) => "GET, POST",
             Route::Backend(..) => "GET, PATCH, DELETE",
             Route::Reload => "POST",
+            Route::Page => "GET, HEAD",
             _ => "GET",
         }
     }
@@ -197,7 +201,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
     let mutating = match (&route, &method) {
         (Route::Reload, &Method::POST) => true,
         (Route::Reload, _) => return Err(Failure::method_not_allowed(route.allowed())),
-        (_, &Method::GET) => false,
+        (_, &Method::GET) | (Route::Page, &Method::HEAD) => false,
         (Route::Backends(_), &Method::POST)
         | (Route::Backend(..), &Method::PATCH)
         | (Route::Backend(..), &Method::DELETE) => true,
@@ -208,6 +212,7 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Result<Response<Body>, Fail
     }
     match route {
         Route::Reload => reload(ctx).await,
+        Route::Page => Ok(page::page()),
         Route::Metrics => metrics(ctx),
         Route::Healthz => Ok(healthz(ctx)),
         Route::Livez => Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
