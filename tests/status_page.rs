@@ -52,6 +52,11 @@ struct Ulb {
 
 impl Ulb {
     async fn start(backends: &[SocketAddr]) -> Ulb {
+        Ulb::start_checking(backends, &["--check", "connect"]).await
+    }
+
+    /// With the active checks `check` (a mode and its flags), every 100 ms, rise and fall 1.
+    async fn start_checking(backends: &[SocketAddr], check: &[&str]) -> Ulb {
         let dir = TempDir::new("page");
         let token = dir.path().join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).expect("write token");
@@ -66,7 +71,8 @@ impl Ulb {
             .args(["--admin", &admin.to_string()])
             .arg("--admin-token-file")
             .arg(&token)
-            .args(["--check", "connect", "--check-interval", "100ms"])
+            .args(check)
+            .args(["--check-interval", "100ms"])
             .args(["--check-timeout", "1s", "--rise", "1", "--fall", "1"])
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -690,4 +696,54 @@ async fn the_open_page_refreshes_and_its_buttons_work() {
             .is_some_and(|s| s.contains("balancer unreachable")),
         "{status}"
     );
+}
+
+/// A backend that hangs (SIGSTOP: its kernel still accepts connections, so only a check that wants an
+/// answer sees it) turns `down` on the open page within the refresh, and `up` again once it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_backend_turns_down_on_the_page() {
+    let Some(chromium) = chromium("a stopped backend on the page") else {
+        return;
+    };
+    let Some(redis) = common::tool_or_skip("redis-server", "a stopped backend on the page") else {
+        return;
+    };
+    let a = common::redis::Redis::start(&redis, 'a').await;
+    let b = common::redis::Redis::start(&redis, 'b').await;
+    let ulb = Ulb::start_checking(
+        &[a.addr, b.addr],
+        &[
+            "--check",
+            "send-expect",
+            "--check-send",
+            "PING\\r\\n",
+            "--check-expect",
+            "+PONG",
+        ],
+    )
+    .await;
+    let (ida, idb) = (a.addr.to_string(), b.addr.to_string());
+    let url = ulb.url("?refresh=1");
+    dom_until(&chromium, &url, "both up", |dom| {
+        field_of(dom, &ida, "health").as_deref() == Some("up")
+            && field_of(dom, &idb, "health").as_deref() == Some("up")
+    })
+    .await;
+    b.proc.signal_group(libc::SIGSTOP);
+    let dom = dom_until(&chromium, &url, "the stopped backend down", |dom| {
+        field_of(dom, &idb, "health").as_deref() == Some("down")
+    })
+    .await;
+    assert_eq!(
+        field_of(&dom, &ida, "health").as_deref(),
+        Some("up"),
+        "{dom}"
+    );
+    let row_b = row(&dom, &idb).unwrap_or_default().to_string();
+    assert!(row_b.contains("health-down"), "{row_b}");
+    b.proc.signal_group(libc::SIGCONT);
+    dom_until(&chromium, &url, "the resumed backend up", |dom| {
+        field_of(dom, &idb, "health").as_deref() == Some("up")
+    })
+    .await;
 }

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: small backends on loopback, a balancer in front, data.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
