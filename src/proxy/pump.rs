@@ -3,7 +3,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 
 use metrics::Counter;
@@ -27,6 +27,10 @@ pub(super) struct Pump<'a> {
     /// The backend, whose totals and metrics count them too.
     pub(super) backend: &'a Backend,
     pub(super) activity: &'a Activity,
+    /// Set once this direction's EOF has been read.
+    pub(super) ended: &'a AtomicBool,
+    /// Set once the other direction's EOF has been read (or its FIN was passed on before the splice).
+    pub(super) other_ended: &'a AtomicBool,
     pub(super) buffer_size: usize,
     /// The most pipes open in the process ([`BalancerConfig::max_pipes`](crate::BalancerConfig)).
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
@@ -121,7 +125,17 @@ impl<'a> Pump<'a> {
     }
 
     /// Passes the FIN on: the source has ended.
+    ///
+    /// When the other direction has ended already, this is the last one: the connection ends now and both
+    /// sockets are closed at once, and the `close` sends the FIN (after every byte written), so the
+    /// `shutdown(SHUT_WR)` is left out. Both receive queues are empty then (each direction's EOF was
+    /// read, and nothing follows a FIN), so the close is a clean one, never a reset. While the other
+    /// direction is still open, its peer may go on sending: the FIN must go out now, with `shutdown`.
     fn forward_eof(&self) -> Result<(), End> {
+        self.ended.store(true, Relaxed);
+        if self.other_ended.load(Relaxed) {
+            return Ok(());
+        }
         socket2::SockRef::from(self.to.as_ref())
             .shutdown(Shutdown::Write)
             .map_err(|e| End::WriteFailed(self.to_side, e))
