@@ -95,7 +95,7 @@ impl<'a> Pump<'a> {
                     Ok(pipe) => {
                         if self.splice_burst(pipe, &mut tally).await? == Burst::Ended {
                             tally.flush();
-                            return self.forward_eof();
+                            return self.forward_eof().await;
                         }
                         tally.flush();
                         continue;
@@ -114,7 +114,7 @@ impl<'a> Pump<'a> {
                 .await?;
             tally.flush();
             match burst {
-                Burst::Ended => return self.forward_eof(),
+                Burst::Ended => return self.forward_eof().await,
                 Burst::Bulk => spliced = true,
                 // `poll_read` also says "not ready" when this task has used up its cooperative budget,
                 // and then `readable()` would answer at once: yield here when the budget is gone, or we
@@ -130,9 +130,23 @@ impl<'a> Pump<'a> {
     /// sockets are closed at once, and the `close` sends the FIN (after every byte written), so the
     /// `shutdown(SHUT_WR)` is left out. Both receive queues are empty then (each direction's EOF was
     /// read, and nothing follows a FIN), so the close is a clean one, never a reset. While the other
-    /// direction is still open, its peer may go on sending: the FIN must go out now, with `shutdown`.
-    fn forward_eof(&self) -> Result<(), End> {
+    /// direction is still open, its peer may go on sending: the FIN goes out with `shutdown`, at most two
+    /// scheduler turns later (see below).
+    async fn forward_eof(&self) -> Result<(), End> {
         self.ended.store(true, Relaxed);
+        if !self.other_ended.load(Relaxed) {
+            // The first direction to end: wait for one poll of the I/O driver before the `shutdown`.
+            // When the other side has sent its FIN meanwhile (a client that closes once it has its
+            // answer), the other pump reads it and both FINs go out with the close: no `shutdown` at
+            // all. `yield_now` resumes after the driver's poll; when that poll saw the other side's FIN
+            // (read-closed readiness on the socket this pump writes to) but the other pump has not run
+            // yet (`select!` polls in random order), one more turn lets it read that EOF. Otherwise the
+            // FIN goes out now, one turn late, and the other side may go on sending.
+            tokio::task::yield_now().await;
+            if !self.other_ended.load(Relaxed) && read_closed(self.to.as_ref()) {
+                tokio::task::yield_now().await;
+            }
+        }
         if self.other_ended.load(Relaxed) {
             return Ok(());
         }
@@ -234,6 +248,18 @@ impl<'a> Pump<'a> {
             }
         }
     }
+}
+
+/// Whether the socket's readiness already says its peer sent a FIN (`EPOLLRDHUP`), without a system call
+/// and without waiting: one poll of `ready()` with a no-op waker (the future is dropped at once, which
+/// takes its waiter off the socket again).
+fn read_closed(s: &tokio::net::TcpStream) -> bool {
+    use tokio::io::Interest;
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let fut = s.ready(Interest::READABLE);
+    let mut fut = std::pin::pin!(fut);
+    matches!(std::future::Future::poll(fut.as_mut(), &mut cx), Poll::Ready(Ok(r)) if r.is_read_closed())
 }
 
 /// One read if the socket is ready; `None` when it is not (a previous short read or `EAGAIN` cleared its
