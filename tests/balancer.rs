@@ -380,6 +380,85 @@ async fn backend_half_close(mode: Path) {
     lb.stop().await;
 }
 
+/// The direction that ends last passes its FIN on with the close of the connection (no `shutdown`):
+/// whichever side ends first, the bytes the other side sends after that arrive whole and end with a clean
+/// FIN, never a reset, also when the receiver reads slowly, so that the balancer closes with megabytes
+/// still queued in its send buffer. Through the per-core runtime too, whose accept loop differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fin_of_the_last_direction_follows_every_byte() {
+    for mode in MODES {
+        for per_core in [false, true] {
+            last_fin(mode, per_core, true).await;
+            last_fin(mode, per_core, false).await;
+        }
+    }
+}
+
+/// `backend_first`: the backend greets and ends, then the client sends 8 MiB and ends; else the client
+/// asks and ends, then the backend sends 8 MiB and ends. The receiver of the 8 MiB waits 300 ms before
+/// reading them.
+async fn last_fin(mode: Path, per_core: bool, backend_first: bool) {
+    const LEN: usize = 8 << 20;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = Backend::spawn(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            let mut got = Vec::new();
+            let r = if backend_first {
+                s.write_all(b"hello").await.unwrap();
+                s.shutdown().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                s.read_to_end(&mut got).await
+            } else {
+                let r = s.read_to_end(&mut got).await;
+                s.write_all(&pattern(31, LEN)).await.unwrap();
+                s.shutdown().await.unwrap();
+                r
+            };
+            let _ = tx.send(r.map(|_| got).map_err(|e| e.kind()));
+        }
+    })
+    .await;
+    let cfg = config(&[backend.addr]).on(mode);
+    let lb = if per_core {
+        Running::start_per_core(cfg, 2).await
+    } else {
+        Running::start(cfg).await
+    };
+    let mut s = TcpStream::connect(lb.addr).await.unwrap();
+    let what = format!("{mode:?}, per-core {per_core}, backend first {backend_first}");
+    let mut got = Vec::new();
+    if backend_first {
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the backend's FIN never came"))
+            .unwrap();
+        assert_eq!(got, b"hello", "{what}");
+        s.write_all(&pattern(32, LEN)).await.unwrap();
+        s.shutdown().await.unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let seen = seen.unwrap_or_else(|e| panic!("{what}: the backend read {e:?}"));
+        assert_eq!(seen.len(), LEN, "{what}");
+        assert_eq!(fnv(&seen), fnv(&pattern(32, LEN)), "{what}");
+    } else {
+        s.write_all(b"request").await.unwrap();
+        s.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got))
+            .await
+            .unwrap();
+        r.unwrap_or_else(|e| panic!("{what}: the client read {e}"));
+        assert_eq!(got.len(), LEN, "{what}");
+        assert_eq!(fnv(&got), fnv(&pattern(31, LEN)), "{what}");
+        let seen = rx.recv().await.unwrap();
+        assert_eq!(seen, Ok(b"request".to_vec()), "{what}");
+    }
+    lb.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Resets
 

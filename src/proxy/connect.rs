@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -78,7 +79,7 @@ pub(crate) async fn connect(
         let backend = guard.backend();
         let t0 = Instant::now();
         let connecting = async {
-            let mut stream = TcpStream::connect(backend.addr()).await?;
+            let mut stream = open(backend.addr()).await?;
             if !hello.is_empty() {
                 stream.write_all(hello).await?;
             }
@@ -123,6 +124,34 @@ pub(crate) async fn connect(
         tracing::warn!(client = %peer, ?tried, "no backend reachable; closing client");
     }
     None
+}
+
+/// Connects to `addr` as `TcpStream::connect` does, less its `getsockopt(SO_ERROR)` after every connect:
+/// the readiness event that ends a non-blocking connect already says how it went. A connect that failed
+/// (refused, unreachable, reset, timed out in the kernel) is reported with `EPOLLERR` (and `EPOLLHUP`),
+/// one that succeeded with `EPOLLOUT` alone, since a socket still in `SYN_SENT` is never writable. Only
+/// a failure pays for `SO_ERROR`, to learn its reason. Tokio's `connect` reads `SO_ERROR` on the same
+/// event, so the outcome and its classification (refused, timed out, other) are the same.
+async fn open(addr: SocketAddr) -> io::Result<TcpStream> {
+    // One `socket()` call, non-blocking and close-on-exec from the start.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    match socket.connect(&SockAddr::from(addr)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(socket.into())?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() || !ready.is_writable() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "connect failed")));
+    }
+    Ok(stream)
 }
 
 fn log_refusal(ctx: &Context, peer: SocketAddr, why: &str) {

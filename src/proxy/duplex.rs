@@ -1,7 +1,7 @@
 //! Both directions of a connection, pumped side by side in one task, with the idle and half-close
 //! timeouts.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -42,6 +42,8 @@ pub(super) async fn splice(
         base: Instant::now(),
         last_ms: AtomicU64::new(0),
     };
+    // Which directions have read their EOF: the last one to end leaves its FIN to the close.
+    let (up_ended, down_ended) = (AtomicBool::new(client_ended), AtomicBool::new(false));
     let (client_read, client_write) = client.split();
     let (backend_read, backend_write) = backend.split();
     let up = Pump {
@@ -51,6 +53,8 @@ pub(super) async fn splice(
         carried: &counts.to_backend,
         backend: b,
         activity: &activity,
+        ended: &up_ended,
+        other_ended: &down_ended,
         buffer_size: cfg.buffer_size,
         max_pipes: cfg.max_pipes,
         metrics: &ctx.metrics,
@@ -62,6 +66,8 @@ pub(super) async fn splice(
         carried: &counts.to_client,
         backend: b,
         activity: &activity,
+        ended: &down_ended,
+        other_ended: &up_ended,
         buffer_size: cfg.buffer_size,
         max_pipes: cfg.max_pipes,
         metrics: &ctx.metrics,

@@ -3,7 +3,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::task::Poll;
 
 use metrics::Counter;
@@ -27,6 +27,10 @@ pub(super) struct Pump<'a> {
     /// The backend, whose totals and metrics count them too.
     pub(super) backend: &'a Backend,
     pub(super) activity: &'a Activity,
+    /// Set once this direction's EOF has been read.
+    pub(super) ended: &'a AtomicBool,
+    /// Set once the other direction's EOF has been read (or its FIN was passed on before the splice).
+    pub(super) other_ended: &'a AtomicBool,
     pub(super) buffer_size: usize,
     /// The most pipes open in the process ([`BalancerConfig::max_pipes`](crate::BalancerConfig)).
     #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
@@ -91,7 +95,7 @@ impl<'a> Pump<'a> {
                     Ok(pipe) => {
                         if self.splice_burst(pipe, &mut tally).await? == Burst::Ended {
                             tally.flush();
-                            return self.forward_eof();
+                            return self.forward_eof().await;
                         }
                         tally.flush();
                         continue;
@@ -110,7 +114,7 @@ impl<'a> Pump<'a> {
                 .await?;
             tally.flush();
             match burst {
-                Burst::Ended => return self.forward_eof(),
+                Burst::Ended => return self.forward_eof().await,
                 Burst::Bulk => spliced = true,
                 // `poll_read` also says "not ready" when this task has used up its cooperative budget,
                 // and then `readable()` would answer at once: yield here when the budget is gone, or we
@@ -121,7 +125,31 @@ impl<'a> Pump<'a> {
     }
 
     /// Passes the FIN on: the source has ended.
-    fn forward_eof(&self) -> Result<(), End> {
+    ///
+    /// When the other direction has ended already, this is the last one: the connection ends now and both
+    /// sockets are closed at once, and the `close` sends the FIN (after every byte written), so the
+    /// `shutdown(SHUT_WR)` is left out. Both receive queues are empty then (each direction's EOF was
+    /// read, and nothing follows a FIN), so the close is a clean one, never a reset. While the other
+    /// direction is still open, its peer may go on sending: the FIN goes out with `shutdown`, at most two
+    /// scheduler turns later (see below).
+    async fn forward_eof(&self) -> Result<(), End> {
+        self.ended.store(true, Relaxed);
+        if !self.other_ended.load(Relaxed) {
+            // The first direction to end: wait for one poll of the I/O driver before the `shutdown`.
+            // When the other side has sent its FIN meanwhile (a client that closes once it has its
+            // answer), the other pump reads it and both FINs go out with the close: no `shutdown` at
+            // all. `yield_now` resumes after the driver's poll; when that poll saw the other side's FIN
+            // (read-closed readiness on the socket this pump writes to) but the other pump has not run
+            // yet (`select!` polls in random order), one more turn lets it read that EOF. Otherwise the
+            // FIN goes out now, one turn late, and the other side may go on sending.
+            tokio::task::yield_now().await;
+            if !self.other_ended.load(Relaxed) && read_closed(self.to.as_ref()) {
+                tokio::task::yield_now().await;
+            }
+        }
+        if self.other_ended.load(Relaxed) {
+            return Ok(());
+        }
         socket2::SockRef::from(self.to.as_ref())
             .shutdown(Shutdown::Write)
             .map_err(|e| End::WriteFailed(self.to_side, e))
@@ -220,6 +248,18 @@ impl<'a> Pump<'a> {
             }
         }
     }
+}
+
+/// Whether the socket's readiness already says its peer sent a FIN (`EPOLLRDHUP`), without a system call
+/// and without waiting: one poll of `ready()` with a no-op waker (the future is dropped at once, which
+/// takes its waiter off the socket again).
+fn read_closed(s: &tokio::net::TcpStream) -> bool {
+    use tokio::io::Interest;
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    let fut = s.ready(Interest::READABLE);
+    let mut fut = std::pin::pin!(fut);
+    matches!(std::future::Future::poll(fut.as_mut(), &mut cx), Poll::Ready(Ok(r)) if r.is_read_closed())
 }
 
 /// One read if the socket is ready; `None` when it is not (a previous short read or `EAGAIN` cleared its
