@@ -131,11 +131,11 @@ pub use config::{
     BackendConfig, BackendSpec, BalancerConfig, ConfigError, CopyMode, PassiveHealth,
 };
 pub use config::{CheckMode, HealthCheck, OnDown};
-#[cfg(target_os = "linux")]
-pub use server::PerCoreListeners;
 pub use server::{
-    bind, BalancerHandle, Drain, Listening, ShutdownReport, TcpBalancer, MAX_THREADS,
+    bind, BalancerHandle, Bound, Drain, Listening, ShutdownReport, TcpBalancer, MAX_THREADS,
 };
+#[cfg(target_os = "linux")]
+pub use server::{PerCoreListeners, ServingThreads};
 
 #[doc(hidden)]
 pub mod bench_support {

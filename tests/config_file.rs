@@ -458,12 +458,26 @@ fn file(admin: SocketAddr, services: &str) -> String {
     format!("[admin]\nlisten = \"{admin}\"\n\n{services}")
 }
 
+fn file_on(runtime: &str, admin: SocketAddr, services: &str) -> String {
+    format!("runtime = \"{runtime}\"\n{}", file(admin, services))
+}
+
 /// Reload under load, by SIGHUP and through the API: a backend added, one removed, one re-weighted, a
 /// listener added and then removed, the strategy changed. No client fails; a 20 MiB transfer in flight
 /// on the removed backend arrives byte-exact; the kept backends keep their connections, counts and
 /// health; the new backend and the new listener take traffic; an invalid file changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_keeps_state_and_drops_nothing() {
+    reload_under_load("per-core").await;
+}
+
+/// The same on the work-stealing runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_keeps_state_and_drops_nothing_work_stealing() {
+    reload_under_load("work-stealing").await;
+}
+
+async fn reload_under_load(runtime: &str) {
     let a = Backend::tagged(1).await;
     let b = Backend::tagged(2).await;
     let c = Backend::tagged(3).await;
@@ -484,7 +498,8 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
         c.addr.to_string(),
         dead.to_string(),
     );
-    let first = file(
+    let first = file_on(
+        runtime,
         admin,
         &service(
             &format!("\"{l1}\""),
@@ -493,6 +508,16 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
         ),
     );
     let ulb = Ulb::start(TempDir::new("reload"), admin, &first).await;
+    wait_until("the listener's log line", DEADLINE, || {
+        ulb.log().contains("accepting connections")
+    })
+    .await;
+    assert_eq!(
+        ulb.log().contains("accepting connections (per-core)"),
+        runtime == "per-core",
+        "{}",
+        ulb.log()
+    );
     wait_until_async("health: d down, a up", || async {
         ulb.backend("web", &idd)
             .await
@@ -543,7 +568,8 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
     load.more(50).await;
 
     // Reload 1, by SIGHUP: b removed (it drains), c added, a re-weighted, listener l2 added.
-    let second = file(
+    let second = file_on(
+        runtime,
         admin,
         &service(
             &format!("[\"{l1}\", \"{l2}\"]"),
@@ -600,7 +626,8 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
 
     // Reload 3, through the API: the strategy changes, so the service is rebuilt; its listeners
     // are handed over, never closed.
-    let third = file(
+    let third = file_on(
+        runtime,
         admin,
         &service(
             &format!("[\"{l1}\", \"{l2}\"]"),
@@ -625,7 +652,8 @@ async fn reload_under_load_keeps_state_and_drops_nothing() {
 
     // Reload 4: l2 removed. Its clients stop; l1 goes on.
     let (_, fails2) = load2.stop().await;
-    let fourth = file(
+    let fourth = file_on(
+        runtime,
         admin,
         &service(
             &format!("\"{l1}\""),

@@ -15,6 +15,8 @@ mod listen;
 mod listening;
 #[cfg(target_os = "linux")]
 mod per_core;
+#[cfg(target_os = "linux")]
+mod threads;
 
 use std::future::Future;
 use std::io;
@@ -34,9 +36,11 @@ use crate::proxy::{Context, Settings};
 
 pub use handle::{BalancerHandle, Drain};
 pub use listen::bind;
-pub use listening::Listening;
+pub use listening::{Bound, Listening};
 #[cfg(target_os = "linux")]
 pub use per_core::PerCoreListeners;
+#[cfg(target_os = "linux")]
+pub use threads::ServingThreads;
 
 /// The most serving threads (`PerCoreListeners::bind`, the command's `--threads`).
 pub const MAX_THREADS: usize = 1024;

@@ -83,6 +83,17 @@ impl PerCoreListeners {
     pub fn threads(&self) -> usize {
         self.sockets.len()
     }
+
+    /// The listener of thread `i`, duplicated: an accept loop registers the duplicate with its own
+    /// thread's runtime, and closing it leaves the listener open for its other holders.
+    pub(crate) fn duplicate(&self, i: usize) -> io::Result<Socket> {
+        let socket = self.sockets.get(i).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no listener {i}"))
+        })?;
+        let dup = socket.try_clone()?;
+        dup.set_cloexec(true)?;
+        Ok(dup)
+    }
 }
 
 /// Binding a socket without `SO_REUSEPORT` fails if anything listens on `addr`, `SO_REUSEPORT` or not.
@@ -296,7 +307,7 @@ fn run_thread(
 }
 
 /// Returns only if the runtime's I/O driver fails; shutdown is handled by the caller's `select!`.
-async fn accept_loop(shared: &Arc<Shared>, listener: &AsyncFd<Socket>) {
+pub(super) async fn accept_loop(shared: &Arc<Shared>, listener: &AsyncFd<Socket>) {
     let mut backoff = Duration::ZERO;
     loop {
         // Wait for a client first, and only then for a permit under the connection limit: a thread that

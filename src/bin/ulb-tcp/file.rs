@@ -24,7 +24,7 @@ use toml::Spanned;
 use ulb_tcp::config::BackendSpec;
 use ulb_tcp::{BalancerConfig, ConfigError};
 
-use crate::cli::{self, AdminArgs, BalancerArgs, LogFormat};
+use crate::cli::{self, AdminArgs, BalancerArgs, LogFormat, RuntimeArg};
 
 /// A whole configuration file, read and validated.
 #[derive(Debug)]
@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub admin: AdminArgs,
     pub log_format: Option<LogFormat>,
     pub threads: Option<NonZeroUsize>,
+    pub runtime: Option<RuntimeArg>,
     pub services: Vec<ServiceFile>,
 }
 
@@ -116,6 +117,7 @@ pub async fn parse(path: &str, text: &str, fd_limit: Option<u64>) -> Result<File
         },
         log_format: None,
         threads: None,
+        runtime: None,
         services: Vec::new(),
     };
     let mut services = None;
@@ -149,16 +151,14 @@ pub async fn parse(path: &str, text: &str, fd_limit: Option<u64>) -> Result<File
             }
             "runtime" => {
                 let s = doc.string(key, value)?;
-                if s != "work-stealing" {
-                    return Err(doc.err(
-                        value,
-                        format!(
-                            "runtime: '{s}': with a configuration file the services share one \
-                             work-stealing runtime (runtime = \"work-stealing\"); per-core is for a \
-                             single service started with flags"
-                        ),
-                    ));
-                }
+                config.runtime = Some(
+                    <RuntimeArg as clap::ValueEnum>::from_str(s, false).map_err(|_| {
+                        doc.err(
+                            value,
+                            format!("runtime: '{s}' is not per-core or work-stealing"),
+                        )
+                    })?,
+                );
             }
             "services" => services = Some(value),
             other => {

@@ -1,7 +1,8 @@
 //! The services of a configuration file, running, and their reload.
 //!
 //! Each service is a [`TcpBalancer`] run with [`TcpBalancer::run`], its listeners attached with
-//! [`BalancerHandle::accept_on`]. A reload diffs the new file against what runs, by service name and
+//! [`BalancerHandle::accept_on`] (work-stealing) or [`BalancerHandle::accept_on_threads`] (per-core, on
+//! serving threads that every service shares). A reload diffs the new file against what runs, by service name and
 //! then by backend id:
 //!
 //! * a service whose settings are unchanged is changed in place: its backends through
@@ -24,11 +25,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use ulb_tcp::admin::Services;
 use ulb_tcp::metrics::{CONFIG_HASH, CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP, CONFIG_RELOADS_TOTAL};
-use ulb_tcp::{BalancerHandle, Listening, ShutdownReport, TcpBalancer};
+use ulb_tcp::{BalancerHandle, Bound, Listening, ShutdownReport, TcpBalancer};
 
 use crate::file::{FileConfig, ServiceFile};
 
@@ -43,10 +43,19 @@ struct Running {
     task: JoinHandle<ShutdownReport>,
 }
 
+/// Where the services' connections run: the current (work-stealing) runtime, or per-core threads.
+#[derive(Clone)]
+pub enum Serving {
+    Runtime,
+    #[cfg(target_os = "linux")]
+    PerCore(Arc<ulb_tcp::ServingThreads>),
+}
+
 /// Every running service, and the registry the admin server reads.
 pub struct Fleet {
     running: Vec<Running>,
     registry: Services,
+    serving: Serving,
     /// Services stopped by reloads, still draining.
     retired: Vec<JoinHandle<ShutdownReport>>,
 }
@@ -55,24 +64,29 @@ pub struct Fleet {
 struct Prepared {
     file: ServiceFile,
     balancer: TcpBalancer,
-    listeners: Vec<Arc<TcpListener>>,
+    listeners: Vec<Bound>,
 }
 
 impl Fleet {
     /// Binds every listener of every service, then starts them all; an address that cannot be bound
     /// fails it before anything serves.
-    pub async fn start(config: FileConfig, registry: Services) -> Result<Fleet, String> {
+    pub async fn start(
+        config: FileConfig,
+        registry: Services,
+        serving: Serving,
+    ) -> Result<Fleet, String> {
         let mut fleet = Fleet {
             running: Vec::new(),
             registry,
+            serving,
             retired: Vec::new(),
         };
         let mut prepared = Vec::new();
         for service in config.services {
-            prepared.push(prepare(service, &HashMap::new())?);
+            prepared.push(prepare(service, &HashMap::new(), &fleet.serving)?);
         }
         for p in prepared {
-            let running = p.start(false).await?;
+            let running = p.start(false, &fleet.serving).await?;
             fleet
                 .registry
                 .insert(&running.file.name, running.handle.clone())
@@ -113,7 +127,7 @@ impl Fleet {
 
     async fn apply(&mut self, config: FileConfig) -> Result<Value, String> {
         // Every listener now open, by address: a new file that keeps an address keeps its socket.
-        let open: HashMap<SocketAddr, Arc<TcpListener>> = self
+        let open: HashMap<SocketAddr, Bound> = self
             .running
             .iter()
             .flat_map(|r| r.listeners.iter().map(|l| (l.local_addr(), l.listener())))
@@ -121,7 +135,7 @@ impl Fleet {
         // Phase 1: everything that can fail. Nothing runs differently yet.
         enum Plan {
             Start(Prepared),
-            InPlace(usize, ServiceFile, Vec<Arc<TcpListener>>),
+            InPlace(usize, ServiceFile, Vec<Bound>),
             Rebuild(usize, Prepared),
         }
         let mut plans = Vec::new();
@@ -131,17 +145,17 @@ impl Fleet {
                 .iter()
                 .position(|r| r.file.name == service.name);
             plans.push(match old {
-                None => Plan::Start(prepare(service, &open)?),
+                None => Plan::Start(prepare(service, &open, &self.serving)?),
                 Some(i) if self.running[i].file.settings == service.settings => {
                     let listeners = service
                         .listen
                         .iter()
                         .filter(|a| !self.running[i].file.listen.contains(a))
-                        .map(|a| listener(&service.name, *a, &open))
+                        .map(|a| listener(&service.name, *a, &open, &self.serving))
                         .collect::<Result<Vec<_>, _>>()?;
                     Plan::InPlace(i, service, listeners)
                 }
-                Some(i) => Plan::Rebuild(i, prepare(service, &open)?),
+                Some(i) => Plan::Rebuild(i, prepare(service, &open, &self.serving)?),
             });
         }
         // Phase 2: apply. Services go in their new order.
@@ -155,7 +169,7 @@ impl Fleet {
             match plan {
                 Plan::Start(p) => {
                     let name = p.file.name.clone();
-                    let running = p.start(true).await?;
+                    let running = p.start(true, &self.serving).await?;
                     let _ = self.registry.replace(&name, running.handle.clone());
                     report.push(json!({"service": name, "action": "started"}));
                     next.push(running);
@@ -164,7 +178,7 @@ impl Fleet {
                     let Some(mut running) = old[i].take() else {
                         continue;
                     };
-                    let changes = in_place(&mut running, service, added).await?;
+                    let changes = in_place(&mut running, service, added, &self.serving).await?;
                     report.push(changes);
                     next.push(running);
                 }
@@ -173,7 +187,7 @@ impl Fleet {
                         continue;
                     };
                     let name = p.file.name.clone();
-                    let running = p.start(true).await?;
+                    let running = p.start(true, &self.serving).await?;
                     let _ = self.registry.replace(&name, running.handle.clone());
                     self.retire(previous).await;
                     report.push(json!({"service": name, "action": "rebuilt"}));
@@ -227,14 +241,15 @@ impl Fleet {
 /// others bound now.
 fn prepare(
     file: ServiceFile,
-    open: &HashMap<SocketAddr, Arc<TcpListener>>,
+    open: &HashMap<SocketAddr, Bound>,
+    serving: &Serving,
 ) -> Result<Prepared, String> {
     let balancer = TcpBalancer::new(file.config.clone())
         .map_err(|e| format!("service '{}': {e}", file.name))?;
     let listeners = file
         .listen
         .iter()
-        .map(|a| listener(&file.name, *a, open))
+        .map(|a| listener(&file.name, *a, open, serving))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Prepared {
         file,
@@ -243,24 +258,45 @@ fn prepare(
     })
 }
 
-/// The listener on `addr`: the one open now, or a new one.
+/// The listener on `addr`: the one open now, or a new one of the kind `serving` needs.
 fn listener(
     service: &str,
     addr: SocketAddr,
-    open: &HashMap<SocketAddr, Arc<TcpListener>>,
-) -> Result<Arc<TcpListener>, String> {
+    open: &HashMap<SocketAddr, Bound>,
+    serving: &Serving,
+) -> Result<Bound, String> {
     if let Some(l) = open.get(&addr) {
         return Ok(l.clone());
     }
-    ulb_tcp::bind(addr)
-        .map(Arc::new)
-        .map_err(|e| format!("service '{service}': cannot listen on {addr}: {e}"))
+    let bound = match serving {
+        Serving::Runtime => ulb_tcp::bind(addr).map(|l| Bound::One(Arc::new(l))),
+        #[cfg(target_os = "linux")]
+        Serving::PerCore(threads) => {
+            let n =
+                std::num::NonZeroUsize::new(threads.len()).unwrap_or(std::num::NonZeroUsize::MIN);
+            ulb_tcp::PerCoreListeners::bind(addr, n).map(|l| Bound::PerCore(Arc::new(l)))
+        }
+    };
+    bound.map_err(|e| format!("service '{service}': cannot listen on {addr}: {e}"))
+}
+
+/// Starts accepting on `bound` for `handle`.
+fn attach(handle: &BalancerHandle, bound: Bound, serving: &Serving) -> std::io::Result<Listening> {
+    match (bound, serving) {
+        (Bound::One(l), _) => handle.accept_on(l),
+        #[cfg(target_os = "linux")]
+        (Bound::PerCore(l), Serving::PerCore(threads)) => handle.accept_on_threads(l, threads),
+        #[cfg(target_os = "linux")]
+        (Bound::PerCore(_), Serving::Runtime) => Err(std::io::Error::other(
+            "a per-core listener needs the serving threads",
+        )),
+    }
 }
 
 impl Prepared {
     /// Starts the balancer (and its checks); after a first backend may be picked, if `wait`, its
     /// listeners.
-    async fn start(self, wait: bool) -> Result<Running, String> {
+    async fn start(self, wait: bool, serving: &Serving) -> Result<Running, String> {
         let handle = self.balancer.handle();
         let name = self.file.name.clone();
         let task = tokio::spawn(self.balancer.run(std::future::pending()));
@@ -269,7 +305,7 @@ impl Prepared {
         }
         let mut listeners = Vec::new();
         for l in self.listeners {
-            match handle.accept_on(l) {
+            match attach(&handle, l, serving) {
                 Ok(l) => listeners.push(l),
                 Err(e) => {
                     handle.shutdown();
@@ -310,7 +346,8 @@ async fn ready(handle: &BalancerHandle) {
 async fn in_place(
     running: &mut Running,
     service: ServiceFile,
-    added: Vec<Arc<TcpListener>>,
+    added: Vec<Bound>,
+    serving: &Serving,
 ) -> Result<Value, String> {
     let name = service.name.clone();
     let deadline = running.handle.drain_timeout();
@@ -323,9 +360,7 @@ async fn in_place(
         tracing::debug!(?report, "removed backends drained");
     });
     for l in added {
-        let l = running
-            .handle
-            .accept_on(l)
+        let l = attach(&running.handle, l, serving)
             .map_err(|e| format!("service '{name}': cannot accept: {e}"))?;
         running.listeners.push(l);
     }

@@ -317,19 +317,42 @@ fn file_main(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode 
     let threads = config
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
-    let mut builder = Builder::new_multi_thread();
-    builder.worker_threads(threads.get());
+    let mode = config.runtime.unwrap_or(RuntimeArg::DEFAULT);
+    let mut builder = match mode {
+        // Per-core: this runtime waits for signals, runs the admin server, the reloads, the checks
+        // and the drains; connections run on the serving threads.
+        RuntimeArg::PerCore => Builder::new_current_thread(),
+        RuntimeArg::WorkStealing => {
+            let mut b = Builder::new_multi_thread();
+            b.worker_threads(threads.get());
+            b
+        }
+    };
     let runtime = match runtime(&mut builder) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    runtime.block_on(run_file(path.to_path_buf(), config, fd_limit))
+    let serving = match mode {
+        RuntimeArg::WorkStealing => fleet::Serving::Runtime,
+        #[cfg(target_os = "linux")]
+        RuntimeArg::PerCore => match ulb_tcp::ServingThreads::start(threads) {
+            Ok(t) => fleet::Serving::PerCore(std::sync::Arc::new(t)),
+            Err(e) => {
+                eprintln!("ulb-tcp: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        },
+        #[cfg(not(target_os = "linux"))]
+        RuntimeArg::PerCore => fleet::Serving::Runtime,
+    };
+    runtime.block_on(run_file(path.to_path_buf(), config, fd_limit, serving))
 }
 
 async fn run_file(
     path: std::path::PathBuf,
     config: file::FileConfig,
     fd_limit: Option<u64>,
+    serving: fleet::Serving,
 ) -> ExitCode {
     let signals = StopSignals::install();
     #[cfg(unix)]
@@ -366,7 +389,7 @@ async fn run_file(
         env!("CARGO_PKG_VERSION")
     );
     let services = Services::new();
-    let mut fleet = match fleet::Fleet::start(config, services.clone()).await {
+    let mut fleet = match fleet::Fleet::start(config, services.clone(), serving.clone()).await {
         Ok(f) => f,
         Err(e) => {
             eprintln!("ulb-tcp: {e}");
@@ -421,6 +444,13 @@ async fn run_file(
     });
     let _ = forced.await;
     fleet.shutdown().await;
+    // Every service has drained: the serving threads have nothing left to carry.
+    #[cfg(target_os = "linux")]
+    if let fleet::Serving::PerCore(threads) = serving {
+        if let Ok(threads) = std::sync::Arc::try_unwrap(threads) {
+            threads.stop().await;
+        }
+    }
     admin.stop().await;
     if FORCED.load(Ordering::Relaxed) {
         ExitCode::from(EXIT_FAILURE)
