@@ -48,7 +48,7 @@ pub struct Cli {
 
     /// Run the services of a TOML configuration file (see ulb.example.toml) instead of one service from
     /// flags; SIGHUP or `POST /api/v1/reload` reloads it. Every balancer flag is a key of a
-    /// [[services]] table; only --log-format may be given with it.
+    /// `[[services]]` table; only --log-format may be given with it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
 
