@@ -786,6 +786,22 @@ async fn a_reload_makes_each_service_what_the_file_says_and_keeps_admin_states()
         assert_eq!(exchange(l1, i).await, Ok(2));
     }
     assert_eq!(exchange(l3, 99).await, Ok(1));
+    // A change of settings rebuilds the service: the drain set through the API is kept there too.
+    ulb.rewrite(&format!(
+        "{}\n[[services]]\nname = \"other\"\nlisten = \"{l3}\"\nbackends = [\"{ida}\"]\n",
+        text.replace(
+            "backends = [",
+            "strategy = \"least-connections\"\nbackends = ["
+        )
+    ));
+    let (s, body) = http(admin, "POST", "/api/v1/reload", "").await.unwrap();
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("rebuilt"), "{body}");
+    let a_now = ulb.backend("web", &ida).await.unwrap();
+    assert_eq!(a_now["state"], "drain", "{a_now}");
+    for i in 0..6 {
+        assert_eq!(exchange(l1, 100 + i).await, Ok(2));
+    }
     let all = ulb.services().await;
     let names: Vec<&str> = all["services"]
         .as_array()

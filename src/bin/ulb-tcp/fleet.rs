@@ -12,7 +12,8 @@
 //! * a service whose settings changed (strategy, timeouts, checks, ...) is rebuilt: the new balancer
 //!   starts beside the old one and, once a backend of it may be picked, takes the old one's listeners
 //!   over without closing them (a closed listener would reset the clients in its backlog); the old
-//!   one then drains its connections, as at shutdown;
+//!   one then drains its connections, as at shutdown. Its backends keep their admin state (`drain`,
+//!   `maint`), which the file does not hold;
 //! * a new service starts; a service no longer in the file stops accepting and drains.
 //!
 //! Nothing is changed until everything that can fail has been done: the file read and validated, every
@@ -28,7 +29,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use ulb_tcp::admin::Services;
 use ulb_tcp::metrics::{CONFIG_HASH, CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP, CONFIG_RELOADS_TOTAL};
-use ulb_tcp::{BalancerHandle, Bound, Listening, ShutdownReport, TcpBalancer};
+use ulb_tcp::{AdminState, BalancerHandle, Bound, Listening, ShutdownReport, TcpBalancer};
 
 use crate::file::{FileConfig, ServiceFile};
 
@@ -187,6 +188,7 @@ impl Fleet {
                         continue;
                     };
                     let name = p.file.name.clone();
+                    p.inherit(&previous.handle);
                     let running = p.start(true, &self.serving).await?;
                     let _ = self.registry.replace(&name, running.handle.clone());
                     self.retire(previous).await;
@@ -294,6 +296,19 @@ fn attach(handle: &BalancerHandle, bound: Bound, serving: &Serving) -> std::io::
 }
 
 impl Prepared {
+    /// Takes over the admin states (`drain`, `maint`) of the backends of `old` that it keeps: they are
+    /// set through the API, the file has none, and a reload keeps them (see the README's rule).
+    fn inherit(&self, old: &BalancerHandle) {
+        let handle = self.balancer.handle();
+        for b in old.backends() {
+            if b.admin != AdminState::Ready && !b.removing {
+                if let Ok(was) = handle.set_admin_state(&b.id, b.admin) {
+                    tracing::debug!(backend = %b.id, from = ?was, to = ?b.admin, "admin state kept");
+                }
+            }
+        }
+    }
+
     /// Starts the balancer (and its checks); after a first backend may be picked, if `wait`, its
     /// listeners.
     async fn start(self, wait: bool, serving: &Serving) -> Result<Running, String> {
@@ -330,11 +345,14 @@ impl Prepared {
 }
 
 /// Waits until a backend of a new balancer may be picked (with active checks, its first check passed),
-/// at most [`MAX_READY_WAIT`].
+/// at most [`MAX_READY_WAIT`]; at once when none could be (all in `drain` or `maint`).
 async fn ready(handle: &BalancerHandle) {
     let deadline = Instant::now() + MAX_READY_WAIT;
     while Instant::now() < deadline {
-        if handle.backends().iter().any(|b| b.in_rotation()) {
+        let backends = handle.backends();
+        if backends.iter().any(|b| b.in_rotation())
+            || !backends.iter().any(|b| b.admin == AdminState::Ready)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
