@@ -78,17 +78,7 @@ fn main() -> ExitCode {
     let threads = cli
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
-    let mut builder = match cli.runtime {
-        // Per-core: this runtime only waits for signals, resolves names, runs the admin server and the
-        // drain; the serving threads run runtimes of their own.
-        RuntimeArg::PerCore => Builder::new_current_thread(),
-        RuntimeArg::WorkStealing => {
-            let mut b = Builder::new_multi_thread();
-            b.worker_threads(threads.get());
-            b
-        }
-    };
-    let runtime = match runtime(&mut builder) {
+    let runtime = match control_runtime(cli.runtime, threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -318,17 +308,7 @@ fn file_main(path: &std::path::Path, log_format: Option<LogFormat>) -> ExitCode 
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN));
     let mode = config.runtime.unwrap_or(RuntimeArg::DEFAULT);
-    let mut builder = match mode {
-        // Per-core: this runtime waits for signals, runs the admin server, the reloads, the checks
-        // and the drains; connections run on the serving threads.
-        RuntimeArg::PerCore => Builder::new_current_thread(),
-        RuntimeArg::WorkStealing => {
-            let mut b = Builder::new_multi_thread();
-            b.worker_threads(threads.get());
-            b
-        }
-    };
-    let runtime = match runtime(&mut builder) {
+    let runtime = match control_runtime(mode, threads) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -564,6 +544,24 @@ impl RunningAdmin {
             Err(_) => tracing::warn!("admin server did not stop within 5s"),
         }
     }
+}
+
+/// The runtime the command runs on. Per-core: it only waits for signals, resolves names, runs the
+/// admin server, reloads, checks and drains; the serving threads run runtimes of their own.
+/// Work-stealing: `threads` threads that carry the connections too.
+fn control_runtime(
+    mode: RuntimeArg,
+    threads: NonZeroUsize,
+) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut builder = match mode {
+        RuntimeArg::PerCore => Builder::new_current_thread(),
+        RuntimeArg::WorkStealing => {
+            let mut b = Builder::new_multi_thread();
+            b.worker_threads(threads.get());
+            b
+        }
+    };
+    runtime(&mut builder)
 }
 
 /// The runtime `builder` describes, or the exit code after saying why it cannot start.
