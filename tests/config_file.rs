@@ -905,3 +905,71 @@ fn the_readme_documents_every_key() {
     }
     assert!(checked > 30, "only {checked} flags found in --help");
 }
+
+/// SIGTERM drains every service; a second SIGTERM resets what is still open on every one of them,
+/// services started by a reload included, and the command exits 1 at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_reaches_services_started_by_a_reload() {
+    let a = Backend::tagged(1).await;
+    let late = Backend::tagged(5).await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", fixed_port()).parse().unwrap();
+    let l1: SocketAddr = format!("127.0.0.1:{}", fixed_port()).parse().unwrap();
+    let l2: SocketAddr = format!("127.0.0.1:{}", fixed_port()).parse().unwrap();
+    let web = format!(
+        "[[services]]\nname = \"web\"\nlisten = \"{l1}\"\nbackends = [\"{}\"]\n",
+        a.addr
+    );
+    let mut ulb = Ulb::start(TempDir::new("force"), admin, &file(admin, &web)).await;
+    ulb.rewrite(&file(
+        admin,
+        &format!(
+            "{web}\n[[services]]\nname = \"late\"\nlisten = \"{l2}\"\nbackends = [\"{}\"]\n",
+            late.addr
+        ),
+    ));
+    let (s, body) = http(admin, "POST", "/api/v1/reload", "").await.unwrap();
+    assert_eq!(s, 200, "{body}");
+    // A connection held on each service.
+    let mut held = Vec::new();
+    for (addr, tag) in [(l1, 1), (l2, 5)] {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut t = [0u8; 1];
+        c.read_exact(&mut t).await.unwrap();
+        assert_eq!(t[0], tag);
+        held.push(c);
+    }
+    let term = |ulb: &Ulb| {
+        // SAFETY: kill(2) on our own child; no memory is involved.
+        assert_eq!(
+            unsafe { libc::kill(ulb.proc.child.id() as libc::pid_t, libc::SIGTERM) },
+            0
+        );
+    };
+    term(&ulb);
+    wait_until("the drain to start", DEADLINE, || {
+        ulb.log().contains("draining")
+    })
+    .await;
+    term(&ulb);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = ulb.proc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still running 5 s after the second signal (the drain timeout is 30 s):\n{}",
+            ulb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{}", ulb.log());
+    // Both held connections were reset, not ended cleanly.
+    for mut c in held {
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(DEADLINE, c.read_to_end(&mut rest))
+            .await
+            .unwrap();
+        assert!(end.is_err(), "a clean end after a forced stop: {end:?}");
+    }
+}

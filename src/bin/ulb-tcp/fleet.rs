@@ -58,7 +58,9 @@ pub struct Fleet {
     registry: Services,
     serving: Serving,
     /// Services stopped by reloads, still draining.
-    retired: Vec<JoinHandle<ShutdownReport>>,
+    retired: Vec<(BalancerHandle, JoinHandle<ShutdownReport>)>,
+    /// Every balancer running or draining, for a second signal to reach them all.
+    live: Arc<std::sync::Mutex<Vec<BalancerHandle>>>,
 }
 
 /// A service made ready to start: built and bound, not yet serving.
@@ -81,6 +83,7 @@ impl Fleet {
             registry,
             serving,
             retired: Vec::new(),
+            live: Arc::default(),
         };
         let mut prepared = Vec::new();
         for service in config.services {
@@ -95,12 +98,24 @@ impl Fleet {
             fleet.running.push(running);
         }
         loaded(config.hash);
+        fleet.publish_live();
         Ok(fleet)
     }
 
-    /// The services, in file order.
-    pub fn handles(&self) -> Vec<BalancerHandle> {
-        self.running.iter().map(|r| r.handle.clone()).collect()
+    /// Every balancer running or still draining, kept up to date across reloads: what a second
+    /// signal force-stops.
+    pub fn live(&self) -> Arc<std::sync::Mutex<Vec<BalancerHandle>>> {
+        self.live.clone()
+    }
+
+    fn publish_live(&self) {
+        let all = self
+            .running
+            .iter()
+            .map(|r| r.handle.clone())
+            .chain(self.retired.iter().map(|(h, _)| h.clone()))
+            .collect();
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = all;
     }
 
     /// Applies `config` (already read and validated) in place of what runs; see the module
@@ -205,7 +220,8 @@ impl Fleet {
             report.push(json!({"service": name, "action": "stopped"}));
         }
         self.running = next;
-        self.retired.retain(|t| !t.is_finished());
+        self.retired.retain(|(_, t)| !t.is_finished());
+        self.publish_live();
         loaded(config.hash);
         Ok(json!({
             "result": "ok",
@@ -221,7 +237,7 @@ impl Fleet {
             l.close().await;
         }
         running.handle.shutdown();
-        self.retired.push(running.task);
+        self.retired.push((running.handle, running.task));
     }
 
     /// Shuts every service down (the drain of each runs at once, side by side) and waits for them.
@@ -230,7 +246,12 @@ impl Fleet {
             r.handle.shutdown();
         }
         let mut reports = Vec::new();
-        for task in self.running.into_iter().map(|r| r.task).chain(self.retired) {
+        for task in self
+            .running
+            .into_iter()
+            .map(|r| r.task)
+            .chain(self.retired.into_iter().map(|(_, t)| t))
+        {
             if let Ok(report) = task.await {
                 reports.push(report);
             }

@@ -381,10 +381,10 @@ async fn run_file(
         "shutdown signal received; draining every service (send it again to exit at once)",
         "second signal; resetting the connections still open and exiting",
         {
-            let handles = fleet.handles();
+            let live = fleet.live();
             move || {
                 FORCED.store(true, Ordering::Relaxed);
-                for h in handles {
+                for h in live.lock().unwrap_or_else(|p| p.into_inner()).iter() {
                     h.force_shutdown();
                 }
             }
@@ -413,16 +413,6 @@ async fn run_file(
             }
         }
     }
-    // The forced shutdown reaches services started by reloads too.
-    let handles = fleet.handles();
-    let forced = tokio::spawn(async move {
-        if FORCED.load(Ordering::Relaxed) {
-            for h in handles {
-                h.force_shutdown();
-            }
-        }
-    });
-    let _ = forced.await;
     fleet.shutdown().await;
     // Every service has drained: the serving threads have nothing left to carry.
     #[cfg(target_os = "linux")]
