@@ -973,3 +973,76 @@ async fn a_second_signal_reaches_services_started_by_a_reload() {
         assert!(end.is_err(), "a clean end after a forced stop: {end:?}");
     }
 }
+
+/// A reload that cannot bind a new listener (the address is taken) changes nothing: 422 naming the
+/// address, the running services as they were. Then SIGTERM drains: a connection in flight finishes,
+/// new connects are refused, exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_cannot_bind_changes_nothing_and_sigterm_drains() {
+    let a = Backend::tagged(1).await;
+    let b = Backend::tagged(2).await;
+    let admin: SocketAddr = format!("127.0.0.1:{}", fixed_port()).parse().unwrap();
+    let l1: SocketAddr = format!("127.0.0.1:{}", fixed_port()).parse().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let one = |listen: &str, backend: SocketAddr| {
+        format!("[[services]]\nname = \"web\"\nlisten = {listen}\nbackends = [\"{backend}\"]\n")
+    };
+    let mut ulb = Ulb::start(
+        TempDir::new("bind"),
+        admin,
+        &file(admin, &one(&format!("\"{l1}\""), a.addr)),
+    )
+    .await;
+    ulb.rewrite(&file(
+        admin,
+        &one(&format!("[\"{l1}\", \"{busy}\"]"), b.addr),
+    ));
+    let (s, body) = http(admin, "POST", "/api/v1/reload", "").await.unwrap();
+    assert_eq!(s, 422, "{body}");
+    assert!(
+        body.contains(&busy.to_string()) && body.contains("cannot listen"),
+        "{body}"
+    );
+    // Nothing changed: the old backend serves, the new one is not there.
+    assert_eq!(exchange(l1, 1).await, Ok(1));
+    assert!(ulb.backend("web", &b.addr.to_string()).await.is_none());
+    let m = ulb.metrics().await;
+    assert!(
+        m.contains("ulb_config_reloads_total{result=\"error\"} 1"),
+        "{m}"
+    );
+    drop(taken);
+
+    // SIGTERM with a connection in flight: it carries on, new connects are refused, exit 0.
+    let mut c = TcpStream::connect(l1).await.unwrap();
+    let mut t = [0u8; 1];
+    c.read_exact(&mut t).await.unwrap();
+    // SAFETY: kill(2) on our own child; no memory is involved.
+    assert_eq!(
+        unsafe { libc::kill(ulb.proc.child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    wait_until_async("new connects refused", || async {
+        TcpStream::connect(l1).await.is_err()
+    })
+    .await;
+    c.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    c.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+    drop(c);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = ulb.proc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no exit after the drain:\n{}",
+            ulb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", ulb.log());
+}
