@@ -138,6 +138,20 @@ check = { mode = "connect", interval = "500ms" }
             2,
             &["admin.listen", "nowhere"],
         ),
+        (
+            "public admin",
+            "127.0.0.1:29100",
+            "0.0.0.0:29100",
+            2,
+            &["admin.listen", "0.0.0.0:29100", "token_file"],
+        ),
+        (
+            "token file",
+            "listen = \"127.0.0.1:29100\"",
+            "listen = \"127.0.0.1:29100\"\ntoken_file = \"/nonexistent/t\"",
+            3,
+            &["admin.token_file", "/nonexistent/t"],
+        ),
     ];
     for (what, from, to, line, words) in cases {
         assert!(good.contains(from), "{what}: {from}");

@@ -331,6 +331,34 @@ impl Doc<'_> {
         if admin.admin_token_file.is_some() && admin.admin.is_none() {
             return Err(self.err(value, "admin.token_file needs admin.listen".into()));
         }
+        // What the admin server would refuse at start, refused here with its line.
+        if let Some((k, v)) = self.find(table, "token_file") {
+            if let Some(path) = &admin.admin_token_file {
+                if let Err(e) = ulb_tcp::admin::AdminOptions::new().token_file(path) {
+                    return Err(self.err_at(
+                        k.span().start..v.span().end,
+                        format!("admin.token_file: {e}"),
+                    ));
+                }
+            }
+        }
+        if let (Some(addr), None) = (admin.admin, &admin.admin_token_file) {
+            let ip = addr.ip();
+            let loopback = ip.is_loopback()
+                || matches!(ip, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
+            if !loopback {
+                let at = self
+                    .find(table, "listen")
+                    .map_or(value.span(), |(_, v)| v.span());
+                return Err(self.err_at(
+                    at,
+                    format!(
+                        "admin.listen {addr} is not a loopback address: the admin API is not served \
+                         there without a token (set admin.token_file, or use 127.0.0.1)"
+                    ),
+                ));
+            }
+        }
         Ok(admin)
     }
 
