@@ -770,9 +770,9 @@ async fn a_reload_makes_each_service_what_the_file_says_and_keeps_admin_states()
     .await
     .unwrap();
     assert_eq!(s, 201, "{body}");
-    // An unrelated change: a second service.
+    // An unrelated change: a second service (and a process-wide key, which waits for a restart).
     ulb.rewrite(&format!(
-        "{text}\n[[services]]\nname = \"other\"\nlisten = \"{l3}\"\nbackends = [\"{ida}\"]\n"
+        "log_format = \"json\"\n{text}\n[[services]]\nname = \"other\"\nlisten = \"{l3}\"\nbackends = [\"{ida}\"]\n"
     ));
     // Through `ulb-tcp ctl reload`, the operator's way.
     let out = Command::new(BIN)
@@ -786,6 +786,10 @@ async fn a_reload_makes_each_service_what_the_file_says_and_keeps_admin_states()
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("reload: ok"), "{said}");
+    assert!(
+        said.contains("log_format"),
+        "the restart-only key is named: {said}"
+    );
     let a_now = ulb.backend("web", &ida).await.unwrap();
     assert_eq!(a_now["state"], "drain", "{a_now}");
     let b_now = ulb.backend("web", &idb).await.unwrap();

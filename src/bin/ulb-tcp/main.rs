@@ -356,8 +356,8 @@ async fn run_file(
                 .map_err(|_| "the balancer is shutting down".to_string())?
         })
     });
-    let admin_args = config.admin.clone();
-    let admin_server = match bind_admin_with(&admin_args, options) {
+    let process = Process::of(&config);
+    let admin_server = match bind_admin_with(&process.admin, options) {
         Ok(a) => a,
         Err(code) => return code,
     };
@@ -405,11 +405,11 @@ async fn run_file(
             () = &mut stop => break,
             Some(()) = hangup => {
                 tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
-                let _ = reload(&mut fleet, &path, fd_limit, &admin_args).await;
+                let _ = reload(&mut fleet, &path, fd_limit, &process).await;
             }
             Some(answer) = reloads.recv() => {
                 tracing::info!(config = %path.display(), "admin API: reloading the configuration");
-                let _ = answer.send(reload(&mut fleet, &path, fd_limit, &admin_args).await);
+                let _ = answer.send(reload(&mut fleet, &path, fd_limit, &process).await);
             }
         }
     }
@@ -429,12 +429,52 @@ async fn run_file(
     }
 }
 
+/// What of a file applies to the whole process, and only at start.
+struct Process {
+    admin: AdminArgs,
+    log_format: Option<LogFormat>,
+    threads: Option<NonZeroUsize>,
+    runtime: Option<RuntimeArg>,
+}
+
+impl Process {
+    fn of(config: &file::FileConfig) -> Process {
+        Process {
+            admin: config.admin.clone(),
+            log_format: config.log_format,
+            threads: config.threads,
+            runtime: config.runtime,
+        }
+    }
+
+    /// The keys of `config` that differ from these, which a reload cannot apply.
+    fn changed_in(&self, config: &file::FileConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if config.admin.addr() != self.admin.addr() {
+            keys.push("admin.listen");
+        }
+        if config.admin.admin_token_file != self.admin.admin_token_file {
+            keys.push("admin.token_file");
+        }
+        if config.log_format != self.log_format {
+            keys.push("log_format");
+        }
+        if config.threads != self.threads {
+            keys.push("threads");
+        }
+        if config.runtime != self.runtime {
+            keys.push("runtime");
+        }
+        keys
+    }
+}
+
 /// Reads `path` again and applies it; the old configuration goes on serving if it is not valid.
 async fn reload(
     fleet: &mut fleet::Fleet,
     path: &std::path::Path,
     fd_limit: Option<u64>,
-    admin: &AdminArgs,
+    process: &Process,
 ) -> Result<serde_json::Value, String> {
     let config = match file::load(path, fd_limit).await {
         Ok(c) => c,
@@ -444,13 +484,11 @@ async fn reload(
             return Err(why);
         }
     };
-    let restart = (config.admin.addr() != admin.addr()
-        || config.admin.admin_token_file != admin.admin_token_file)
-        .then(|| "[admin] changed: it applies at the next restart".to_string());
+    let restart = process.changed_in(&config);
     let mut report = fleet.reload(config).await?;
-    if let (Some(note), Some(obj)) = (restart, report.as_object_mut()) {
-        tracing::warn!("{note}");
-        obj.insert("restart_needed".into(), serde_json::Value::String(note));
+    if let (false, Some(obj)) = (restart.is_empty(), report.as_object_mut()) {
+        tracing::warn!(keys = ?restart, "process-wide keys changed: they apply at the next restart");
+        obj.insert("restart_needed".into(), serde_json::json!(restart));
     }
     Ok(report)
 }
