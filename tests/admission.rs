@@ -598,6 +598,14 @@ async fn the_queue_s_refusals_are_counted_by_reason() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // The readiness probes above went through the backend's one slot: wait until none holds it any more,
+    // or the held client below could find it taken and queue.
+    let idle = format!("ulb_connections_active{{backend=\"{}\"}} 0", backend.addr);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !metrics().await.unwrap_or_default().contains(&idle) {
+        assert!(Instant::now() < deadline, "the probes never ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (_, held) = served(listen).await.unwrap();
     // One waits and times out; one finds the queue full.
     let waiting = tokio::spawn(async move { served(listen).await.is_err() });
