@@ -878,13 +878,20 @@ async fn running_out_of_descriptors_is_never_blamed_on_the_backend() {
     // left an accept() always fails first and no connect ever runs out: leave an odd number. (Under a
     // fixed `prlimit --nofile` the parity would depend on how many the process opened at start.)
     let pid = lb.0.id();
+    // Settled: the same descriptors in two looks 50 ms apart (the readiness probe's are gone).
+    let settle = Instant::now();
     let mut held = open_descriptors(pid);
-    wait_until("the descriptors to settle", Duration::from_secs(5), || {
-        std::thread::sleep(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let now = open_descriptors(pid);
-        std::mem::replace(&mut held, now.clone()) == now
-    })
-    .await;
+        if std::mem::replace(&mut held, now) == held {
+            break;
+        }
+        assert!(
+            settle.elapsed() < Duration::from_secs(5),
+            "the descriptors never settled"
+        );
+    }
     // The kernel hands out the lowest free number below the limit: find the limit that leaves 25 free.
     let mut limit = 0;
     let mut free = 0;

@@ -969,18 +969,13 @@ async fn a_second_signal_reaches_services_started_by_a_reload() {
     })
     .await;
     term(&ulb);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = ulb.proc.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
+    let status = ulb.proc.exit_within(Duration::from_secs(5)).await;
+    let status = status.unwrap_or_else(|| {
+        panic!(
             "still running 5 s after the second signal (the drain timeout is 30 s):\n{}",
             ulb.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        )
+    });
     assert_eq!(status.code(), Some(1), "{}", ulb.log());
     // Both held connections were reset, not ended cleanly.
     for mut c in held {
@@ -1050,17 +1045,7 @@ async fn a_reload_that_cannot_bind_changes_nothing_and_sigterm_drains() {
     c.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"still here");
     drop(c);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = ulb.proc.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no exit after the drain:\n{}",
-            ulb.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = ulb.proc.exit_within(DEADLINE).await;
+    let status = status.unwrap_or_else(|| panic!("no exit after the drain:\n{}", ulb.log()));
     assert_eq!(status.code(), Some(0), "{}", ulb.log());
 }

@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use metrics::{counter, gauge};
 use serde_json::{json, Value};
@@ -127,15 +127,13 @@ impl Fleet {
                 counter!(CONFIG_RELOADS_TOTAL, "result" => "ok").increment(1);
                 tracing::info!(%report, "configuration reloaded");
             }
-            Err(why) => {
-                counter!(CONFIG_RELOADS_TOTAL, "result" => "error").increment(1);
-                tracing::error!(error = %why, "configuration reload refused; the running one is kept");
-            }
+            Err(why) => Self::refused(why),
         }
         result
     }
 
-    /// Counts a reload whose file could not be read or validated (the services are untouched).
+    /// Counts and logs a refused reload: the file could not be read, validated or applied (the services
+    /// are untouched).
     pub fn refused(why: &str) {
         counter!(CONFIG_RELOADS_TOTAL, "result" => "error").increment(1);
         tracing::error!(error = %why, "configuration reload refused; the running one is kept");
@@ -366,19 +364,27 @@ impl Prepared {
 }
 
 /// Waits until a backend of a new balancer may be picked (with active checks, its first check passed),
-/// at most [`MAX_READY_WAIT`]; at once when none could be (all in `drain` or `maint`).
+/// at most [`MAX_READY_WAIT`]; at once when none could be (all in `drain` or `maint`). Woken by the
+/// backends' events (health and admin changes), not by polling.
 async fn ready(handle: &BalancerHandle) {
-    let deadline = Instant::now() + MAX_READY_WAIT;
-    while Instant::now() < deadline {
+    let mut events = handle.events();
+    let can_take = |handle: &BalancerHandle| {
         let backends = handle.backends();
-        if backends.iter().any(|b| b.in_rotation())
+        backends.iter().any(|b| b.in_rotation())
             || !backends.iter().any(|b| b.admin == AdminState::Ready)
-        {
-            return;
+    };
+    let waited = tokio::time::timeout(MAX_READY_WAIT, async {
+        // Subscribed first, then checked: a change in between is not missed.
+        while !can_take(handle) {
+            if events.recv().await.is_none() {
+                return;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    })
+    .await;
+    if waited.is_err() {
+        tracing::warn!("no backend of the rebuilt service came up; it takes the listeners anyway");
     }
-    tracing::warn!("no backend of the rebuilt service came up; it takes the listeners anyway");
 }
 
 /// Changes a running service in place: its backends, then its listeners.
