@@ -20,7 +20,7 @@ Scenarios (each measured for every target, interleaved: for round: for scenario:
 
 Targets: direct (client straight to the backend), ulb-tcp (default data path and runtime), ulb-tcp pooled, splice and
 plain copy (only if the binary accepts `--copy-mode pooled` / `splice` / `plain`), ulb-tcp per-core or ulb-tcp work-stealing (the
-`--runtime` that is not the default, if the binary has the flag), one row per `--variant`, HAProxy 2.6 mode tcp in
+`--runtime` that is not the default, if the binary has the flag), one row per `--variant` and per `--program`, HAProxy 2.6 mode tcp in
 several variants (1/2 threads, splice on/off). `--skip` leaves targets out. Each balancer is started fresh for every single measurement and stopped after it.
 The target order rotates: in round r (from 1) the targets start at position r - 1, so that no target always
 follows `direct` (that position lost about 8% of its connection rate).
@@ -413,6 +413,10 @@ class Target:
             cmd = [env.bins["ulb"], "--listen", f"127.0.0.1:{port}", "--backends", f"127.0.0.1:{backend_port}"]
             cmd += ["--drain-timeout", "1s"] + self.args
             p = env.procs.start(self.name, cmd, env=dict(os.environ, RUST_LOG="warn", **self.env))
+        elif self.kind == "program":
+            listen, backend = f"127.0.0.1:{port}", f"127.0.0.1:{backend_port}"
+            cmd = [a.replace("{listen}", listen).replace("{backend}", backend) for a in self.args]
+            p = env.procs.start(self.name, cmd, env=dict(os.environ, RUST_LOG="warn", **self.env))
         else:
             threads, splice = self.haproxy
             cfg = os.path.join(env.tmp, f"haproxy-{port}.cfg")
@@ -465,7 +469,7 @@ backend be
 """
 
 
-def make_targets(bins, quick, variants=(), skip=()):
+def make_targets(bins, quick, variants=(), skip=(), programs=()):
     targets = [Target("direct", "direct", "direct"), Target("ulb-tcp", "ulb", "ulb-tcp")]
     r = subprocess.run([bins["ulb"], "--help"], capture_output=True, text=True)
     # Extra ulb-tcp rows for the other data paths and runtimes the binary offers.
@@ -485,6 +489,12 @@ def make_targets(bins, quick, variants=(), skip=()):
         label, _, flags = v.partition("=")
         label = f"ulb-tcp {label.strip()}"
         targets.append(Target(label, "ulb", label, args=shlex.split(flags)))
+        plain.append(label)
+    # --program LABEL=COMMAND: any other forwarder (a prototype data path), side by side.
+    for v in programs:
+        label, _, command = v.partition("=")
+        label = label.strip()
+        targets.append(Target(label, "program", label, args=shlex.split(command)))
         plain.append(label)
     variants = [(1, False), (2, True)] if quick else [(1, False), (1, True), (2, False), (2, True)]
     for threads, splice in variants:
@@ -1246,6 +1256,10 @@ def main():
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
                     help="an extra row 'ulb-tcp LABEL' started with these extra flags, e.g. "
                          "'1 thread=--threads 1'; repeatable")
+    ap.add_argument("--program", action="append", default=[], metavar="LABEL=COMMAND",
+                    help="an extra row LABEL: any forwarder started with COMMAND, in which {listen} and {backend} "
+                         "stand for the two addresses (127.0.0.1:PORT), e.g. 'uring=/tmp/proto --listen {listen} "
+                         "--backend {backend}'; repeatable")
     ap.add_argument("--skip", default="", metavar="NAMES",
                     help="comma-separated target names to leave out, e.g. 'ulb-tcp splice,HAProxy 1t' "
                          "(direct and ulb-tcp always run)")
@@ -1289,7 +1303,7 @@ def main():
     try:
         bins = build(tmp)
         skip = [n.strip() for n in args.skip.split(",") if n.strip()]
-        targets, plain = make_targets(bins, args.quick, args.variant, skip)
+        targets, plain = make_targets(bins, args.quick, args.variant, skip, args.program)
         header = machine_header(args, plain, sock_note)
         env = Env(tmp, procs, bins, args)
         res = Results(targets)
