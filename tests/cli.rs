@@ -362,6 +362,10 @@ fn out_of_range_values_are_refused_naming_flag_and_value() {
             balancer("--down-backoff", "0"),
             vec!["--down-backoff", "out of range"],
         ),
+        (
+            balancer("--defer-accept", "11m"),
+            vec!["--defer-accept 660s is out of range", "10 minutes"],
+        ),
         // The cluster: more processes than MAX_PROCESSES (4096), up to usize::MAX, whose last port
         // `base + n - 1` would overflow.
         (

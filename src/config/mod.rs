@@ -237,7 +237,18 @@ pub struct BalancerConfig {
     /// Limits per client source: concurrent connections, new connections a second, the IPv6 grouping
     /// (default: none). See [`edge::limits`](crate::edge::limits) for the table's memory bound.
     pub source_limits: SourceLimits,
+    /// Linux `TCP_DEFER_ACCEPT` on the balancer's listeners (default 0: off; at most
+    /// [`MAX_DEFER_ACCEPT`], in whole seconds, rounded up). The kernel hands a connection to `accept()`
+    /// only once the client's first bytes have arrived, or this long after the handshake: a client that
+    /// speaks first (HTTP, Redis, TLS) costs one wake-up less, and one that connects and says nothing
+    /// ties up no connection slot and no backend connection until then. Leave it off for protocols in
+    /// which the server speaks first (SMTP, MySQL, FTP): their clients would wait this long for the
+    /// greeting. Set on every listener the balancer accepts on, when it starts accepting.
+    pub defer_accept: Duration,
 }
+
+/// The longest [`BalancerConfig::defer_accept`]: 10 minutes.
+pub const MAX_DEFER_ACCEPT: Duration = Duration::from_secs(600);
 
 impl BalancerConfig {
     /// A configuration with these backends and every default.
@@ -268,6 +279,7 @@ impl BalancerConfig {
             accept_proxy: None,
             allow: Vec::new(),
             deny: Vec::new(),
+            defer_accept: Duration::ZERO,
             source_limits: SourceLimits::default(),
         }
     }
@@ -390,6 +402,11 @@ impl BalancerConfig {
         self.slow_start = window;
         self
     }
+    /// Sets `TCP_DEFER_ACCEPT` on the listeners (see [`defer_accept`](Self::defer_accept); 0: off).
+    pub fn defer_accept(mut self, wait: Duration) -> Self {
+        self.defer_accept = wait;
+        self
+    }
     /// Sets what a backend marked down means for its open connections.
     pub fn on_down(mut self, on_down: OnDown) -> Self {
         self.on_down = on_down;
@@ -441,6 +458,13 @@ impl BalancerConfig {
         check_duration("health.max_backoff", self.health.max_backoff, ms)?;
         check_duration("slow_start", self.slow_start, Duration::ZERO)?;
         check_duration("queue_timeout", self.queue_timeout, ms)?;
+        if self.defer_accept > MAX_DEFER_ACCEPT {
+            return Err(ConfigError::out_of_range(
+                "defer_accept",
+                format!("{:?}", self.defer_accept),
+                "0 (off) to 10 minutes",
+            ));
+        }
         if self.max_queue > MAX_CONNECTIONS {
             return Err(ConfigError::out_of_range(
                 "max_queue",

@@ -101,7 +101,7 @@ impl BalancerHandle {
     pub fn accept_on(&self, listener: Arc<TcpListener>) -> io::Result<Listening> {
         let addr = listener.local_addr()?;
         #[cfg(unix)]
-        super::listen::set_listener_nodelay(&*listener);
+        super::listen::prepare(&*listener, &self.shared.config)?;
         self.shared.listening(addr, true);
         let stop = CancellationToken::new();
         let (shared, l) = (self.shared.clone(), listener.clone());
@@ -145,7 +145,11 @@ impl BalancerHandle {
             ));
         }
         let dups = (0..threads.len())
-            .map(|i| listeners.duplicate(i))
+            .map(|i| {
+                let dup = listeners.duplicate(i)?;
+                super::listen::prepare(&dup, &self.shared.config)?;
+                Ok(dup)
+            })
             .collect::<io::Result<Vec<_>>>()?;
         self.shared.listening(addr, true);
         let stop = CancellationToken::new();

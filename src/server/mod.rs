@@ -193,9 +193,9 @@ impl TcpBalancer {
     ) -> io::Result<ShutdownReport> {
         let shared = self.shared;
         let addr = listener.local_addr()?;
-        shared.listening(addr, true);
         #[cfg(unix)]
-        listen::set_listener_nodelay(&listener);
+        listen::prepare(&listener, &shared.config)?;
+        shared.listening(addr, true);
         tracing::info!(
             listen = %addr,
             strategy = %shared.ctx.backends.strategy(),

@@ -173,6 +173,9 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<ShutdownReport> {
     let PerCoreListeners { sockets, addr } = listeners;
+    for socket in &sockets {
+        super::listen::prepare(socket, &shared.config)?;
+    }
     let threads = sockets.len();
     shared.listening(addr, true);
     // Every runtime is built before any thread starts, so that this failure leaves nothing running.
