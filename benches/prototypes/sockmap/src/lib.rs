@@ -283,7 +283,7 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn reset(s: &TcpStream) {
+fn reset(s: &impl std::os::fd::AsFd) {
     // SO_LINGER 0: the close sends a RST.
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
@@ -307,30 +307,22 @@ async fn serve(client: TcpStream, ctx: Arc<ThreadCtx>) {
         };
     let _ = backend.set_nodelay(true);
     let (up, down) = (Counts::default(), Counts::default());
-    let (end, kernel_counts) = match &ctx.shared.kernel {
-        None => (userspace(&client, &backend, cfg, &up, &down).await, None),
-        Some(k) => {
-            let pair = match ctx.pairs.lock() {
-                Ok(mut p) => p.pop(),
-                Err(_) => None,
-            };
-            match pair {
-                Some(pair) => {
-                    let r = spliced(k, pair, &client, &backend, cfg, &up, &down).await;
-                    if let Ok(mut p) = ctx.pairs.lock() {
-                        p.push(pair);
-                    }
-                    r
-                }
-                // No free slot: carried in user space.
-                None => (userspace(&client, &backend, cfg, &up, &down).await, None),
-            }
-        }
+    let pair = match (&ctx.shared.kernel, ctx.pairs.lock()) {
+        (Some(_), Ok(mut p)) => p.pop(),
+        _ => None,
     };
-    if let End::Failed(..) = end {
-        reset(&client);
-        reset(&backend);
-    }
+    let (end, kernel_counts) = match (&ctx.shared.kernel, pair) {
+        (Some(k), Some(pair)) => {
+            // Closes both sockets (so that they leave the sockmap) before the pair is used again.
+            let r = spliced(k, pair, client, backend, cfg, &up, &down).await;
+            if let Ok(mut p) = ctx.pairs.lock() {
+                p.push(pair);
+            }
+            r
+        }
+        // userspace mode, or no free pair: carried in user space.
+        _ => (userspace(&client, &backend, cfg, &up, &down).await, None),
+    };
     if cfg.log_conns {
         let (ur, dr) = kernel_counts.unwrap_or((0, 0));
         let (up_tcp, down_tcp) = (
@@ -424,12 +416,17 @@ async fn userspace(
     down: &Counts,
 ) -> End {
     let last = AtomicU64::new(now_ns());
-    both(
+    let end = both(
         copy(client, backend, up, &last, "client", "backend"),
         copy(backend, client, down, &last, "backend", "client"),
         idle_watch(|| last.load(Ordering::Relaxed), cfg.idle_timeout),
     )
-    .await
+    .await;
+    if let End::Failed(..) = end {
+        reset(client);
+        reset(backend);
+    }
+    end
 }
 
 async fn copy(
@@ -618,20 +615,40 @@ type KernelCounts = Option<(u64, u64)>;
 async fn spliced(
     k: &Kernel,
     pair: u32,
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: TcpStream,
+    backend: TcpStream,
     cfg: &Config,
     up: &Counts,
     down: &Counts,
 ) -> (End, KernelCounts) {
     let (slot_c, slot_b) = (2 * pair, 2 * pair + 1);
-    let cookies = match enter(k, slot_c, slot_b, client, backend, cfg.late_handover) {
+    let cookies = match enter(k, slot_c, slot_b, &client, &backend, cfg.late_handover) {
         Ok(c) => c,
         Err(Refused::Fallback) => {
-            return (userspace(client, backend, cfg, up, down).await, None);
+            return (userspace(&client, &backend, cfg, up, down).await, None);
         }
-        Err(Refused::Fatal(e)) => return (End::Failed("sockmap setup", e), None),
+        Err(Refused::Fatal(e)) => {
+            reset(&client);
+            reset(&backend);
+            return (End::Failed("sockmap setup", e), None);
+        }
     };
+    // Off tokio's epoll: each socket gets an epoll of its own whose interest we can narrow (see Watched).
+    let socks = client
+        .into_std()
+        .and_then(Watched::new)
+        .and_then(|c| Ok((c, backend.into_std().and_then(Watched::new)?)));
+    let (client, backend) = match socks {
+        Ok(s) => s,
+        Err(e) => {
+            for c in cookies {
+                let _ = k.slots.delete(&c);
+            }
+            // The sockets, dropped here, are closed by a RST: their bytes may be anywhere.
+            return (End::Failed("watch setup", e), None);
+        }
+    };
+    let (client, backend) = (&client, &backend);
     let (st_c, st_b) = (k.state.get(slot_c), k.state.get(slot_b));
     let end = both(
         redirected_pump(client, backend, st_c, up, cfg, "client", "backend"),
@@ -653,20 +670,32 @@ async fn spliced(
     for c in cookies {
         let _ = k.slots.delete(&c);
     }
-    // The sockets leave the sockmap when they are closed (the caller drops them before the pair is used
-    // again).
+    if let End::Failed(..) = end {
+        reset(&client.sock);
+        reset(&backend.sock);
+    }
+    // The sockets leave the sockmap when they are closed, here.
     (end, counts)
 }
 
-/// Waits for EOF, reset or error on a socket, and not for its data (which is the program's): an epoll
-/// of its own with only EPOLLRDHUP (EPOLLERR and EPOLLHUP come anyway), so data wake-ups are filtered
-/// out by the key of the wake-up before they reach us.
-struct HupWatch {
+/// A socket of a spliced connection, off tokio's epoll: it sits alone in an epoll of its own, which
+/// tokio watches. Its interest is EPOLLIN | EPOLLOUT | EPOLLRDHUP while user space reads it, and only
+/// EPOLLOUT | EPOLLRDHUP (EPOLLERR and EPOLLHUP come anyway) once the program carries its bytes: then
+/// the wake-up of each redirected skb (`sk_psock_data_ready`, keyed EPOLLIN) is filtered out by the
+/// kernel before it reaches any epoll, and this process sleeps while the kernel forwards.
+///
+/// Both directions wait on the same readiness (one reads the socket, the other writes it): every wait
+/// ends on any event and every waiter retries its operation, so no wake-up is lost.
+struct Watched {
+    sock: std::net::TcpStream,
     epoll: AsyncFd<OwnedFd>,
 }
 
-impl HupWatch {
-    fn new(fd: RawFd) -> io::Result<HupWatch> {
+const WATCH_ALL: u32 = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+const WATCH_NO_DATA: u32 = (libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+
+impl Watched {
+    fn new(sock: std::net::TcpStream) -> io::Result<Watched> {
         // SAFETY: plain system call; the result is checked.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -674,21 +703,29 @@ impl HupWatch {
         }
         // SAFETY: `ep` was just returned to us and is owned by nothing else.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-            u64: 0,
-        };
-        // SAFETY: `ep` and `fd` are open descriptors; `ev` is a valid epoll_event.
-        if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_raw_fd(), WATCH_ALL)?;
         // SAFETY: `ep` is an open epoll fd, owned by the AsyncFd for its whole life (OwnedFd's fd never
         // changes).
         let epoll = unsafe { AsyncFd::register_with_interest(ep, tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)?;
-        Ok(HupWatch { epoll })
+        Ok(Watched { sock, epoll })
     }
 
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Stops (for good) the wake-ups of this socket's data.
+    fn ignore_data(&self) -> io::Result<()> {
+        epoll_ctl(
+            self.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_MOD,
+            self.fd(),
+            WATCH_NO_DATA,
+        )
+    }
+
+    /// Until the next event of this socket (any).
     async fn wait(&self) -> io::Result<()> {
         loop {
             let mut g = self.epoll.readable().await?;
@@ -704,9 +741,48 @@ impl HupWatch {
             }
         }
     }
+
+    async fn write_all(&self, mut b: &[u8], counts: &Counts) -> io::Result<()> {
+        while !b.is_empty() {
+            match raw_send(self.fd(), b) {
+                Ok(n) => {
+                    b = &b[n..];
+                    counts.user.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait().await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
-/// recv(2) without tokio's readiness (which the program's data wake-ups keep stale).
+fn epoll_ctl(ep: RawFd, op: libc::c_int, fd: RawFd, events: u32) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: 0 };
+    // SAFETY: `ep` and `fd` are open descriptors; `ev` is a valid epoll_event.
+    if unsafe { libc::epoll_ctl(ep, op, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn raw_send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a readable buffer of `buf.len()` bytes.
+    let r = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr() as *const libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// recv(2), non-blocking.
 fn raw_recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a writable buffer of `buf.len()` bytes.
     let r = unsafe {
@@ -748,8 +824,8 @@ async fn poll_until(mut done: impl FnMut() -> io::Result<bool>, limit: Duration)
 /// 2. once it redirects (and every passed byte is forwarded), wait only for EOF or an error;
 /// 3. at EOF, wait until `dst` has taken every byte (forwarded + redirected), then pass the FIN on.
 async fn redirected_pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &Watched,
+    dst: &Watched,
     st: &SlotState,
     counts: &Counts,
     cfg: &Config,
@@ -765,8 +841,7 @@ async fn redirected_pump(
     while !(st.redirected.load(Ordering::Acquire) > 0
         && st.passed.load(Ordering::Acquire) == forwarded)
     {
-        src.readable().await.map_err(read_failed)?;
-        match src.try_read(&mut buf) {
+        match raw_recv(src.fd(), &mut buf) {
             Ok(0) => {
                 if st.passed.load(Ordering::Acquire) == forwarded {
                     eof = true;
@@ -775,14 +850,14 @@ async fn redirected_pump(
                 // EOF read while passed bytes are still in the psock's backlog (on their way to the
                 // queue): they come before the FIN.
                 poll_until(
-                    || Ok(st.passed.load(Ordering::Acquire) == forwarded || has_data(src)),
+                    || Ok(st.passed.load(Ordering::Acquire) == forwarded || has_data(src.fd())),
                     cfg.drain_timeout,
                 )
                 .await
                 .map_err(read_failed)?;
             }
             Ok(n) => {
-                write_all(dst, &buf[..n], counts)
+                dst.write_all(&buf[..n], counts)
                     .await
                     .map_err(write_failed)?;
                 forwarded += n as u64;
@@ -790,33 +865,38 @@ async fn redirected_pump(
                 // --late-handover: the program may redirect from now on.
                 st.ready.store(1, Ordering::Release);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                src.wait().await.map_err(read_failed)?
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(read_failed(e)),
         }
     }
-    // 2. Redirecting.
+    // 2. Redirecting: only EOF, a reset or an error wakes us.
     if !eof {
-        let hup = HupWatch::new(src.as_raw_fd()).map_err(read_failed)?;
+        src.ignore_data().map_err(read_failed)?;
         loop {
-            hup.wait().await.map_err(read_failed)?;
-            match raw_recv(src.as_raw_fd(), &mut buf) {
+            match raw_recv(src.fd(), &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     // Should not happen (README, point 1); carried and counted if it does.
                     counts.stray.fetch_add(n as u64, Ordering::Relaxed);
-                    write_all(dst, &buf[..n], counts)
+                    dst.write_all(&buf[..n], counts)
                         .await
                         .map_err(write_failed)?;
                     forwarded += n as u64;
                     st.forwarded.store(forwarded, Ordering::Release);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    src.wait().await.map_err(read_failed)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(read_failed(e)),
             }
         }
     }
     // 3. Drain, then the FIN.
-    let fd = dst.as_raw_fd();
+    let fd = dst.fd();
     poll_until(
         || {
             let taken = tcp_written(fd)?;
@@ -827,18 +907,16 @@ async fn redirected_pump(
     )
     .await
     .map_err(write_failed)?;
-    SockRef::from(dst)
-        .shutdown(Shutdown::Write)
-        .map_err(write_failed)
+    dst.sock.shutdown(Shutdown::Write).map_err(write_failed)
 }
 
 /// Whether a read would find bytes (FIONREAD is not meaningful on a psock; a peek is).
-fn has_data(s: &TcpStream) -> bool {
+fn has_data(fd: RawFd) -> bool {
     let mut b = [0u8; 1];
     // SAFETY: `b` is a writable 1-byte buffer.
     let r = unsafe {
         libc::recv(
-            s.as_raw_fd(),
+            fd,
             b.as_mut_ptr() as *mut libc::c_void,
             1,
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
