@@ -703,7 +703,12 @@ impl Watched {
         }
         // SAFETY: `ep` was just returned to us and is owned by nothing else.
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
-        epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, sock.as_raw_fd(), WATCH_ALL)?;
+        epoll_ctl(
+            ep.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            sock.as_raw_fd(),
+            WATCH_ALL,
+        )?;
         // SAFETY: `ep` is an open epoll fd, owned by the AsyncFd for its whole life (OwnedFd's fd never
         // changes).
         let epoll = unsafe { AsyncFd::register_with_interest(ep, tokio::io::Interest::READABLE) }

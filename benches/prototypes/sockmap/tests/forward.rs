@@ -468,8 +468,12 @@ fn two_hundred_concurrent_short_connections() {
             .filter(|&ok| ok)
             .count();
         assert_eq!(ok, 200, "{}: byte-exact connections", f.name);
+        let mut spliced = 0;
         for _ in 0..200 {
             let line = f.conn_line();
+            if line.contains("up_redirected=") && field(&line, "up_redirected") > 0 {
+                spliced += 1;
+            }
             assert_eq!(text_field(&line, "end"), "closed", "{}: {line}", f.name);
             assert_eq!(
                 field(&line, "up"),
@@ -479,6 +483,11 @@ fn two_hundred_concurrent_short_connections() {
             );
             assert_eq!(field(&line, "stray"), 0, "{}: {line}", f.name);
         }
+        // A client that half-closed before its sockets could enter the sockmap is carried in user space.
+        eprintln!(
+            "{}: {spliced} of 200 connections spliced by the program",
+            f.name
+        );
     }
 }
 
