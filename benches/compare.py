@@ -29,6 +29,12 @@ Figures: medians over rounds with their spread; ratios to direct and to HAProxy'
 (median / median) and paired (per round, ulb-tcp / the HAProxy variant with the best median over the run,
 in that same round: median of the per-round ratios with min-max).
 
+Machine CPU per connection and per request (S2, S3, S7): busy CPU of the whole machine (user, nice, system,
+irq, softirq from /proc/stat) during the run, less the user-space processes that are not ours, per request:
+client, backend, balancer, the softirq work of loopback TCP and kernel threads (the kworkers of a sockmap
+splice) all count. It is the figure that cannot be shifted out of the balancer's process; `direct` gives the
+client's and backend's share.
+
 Foreign load: for each measurement the CPU used by processes that are not this script or its descendants is
 read from /proc (shown in the report); `--gate-foreign-cpu 0.15` redoes a measurement during which they used
 more than 0.15 cores, at most `--gate-redos` (2) times.
@@ -608,12 +614,14 @@ def s_wrk(env, target, close, threads):
     port, bal = target.start(env, bport)
     try:
         cpu0 = cpu_seconds(bal.pid) if bal else None
+        m0 = machine_snapshot()
         r = run(wrk_cmd(env, port, threads, close), timeout=env.args.seconds + 30)
+        m1 = machine_snapshot()
         cpu1 = cpu_seconds(bal.pid) if bal else None
         rps, reqs, notes = parse_wrk(r)
         if bal is not None and bal.poll() is not None:
             raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
-        out = {"rps": rps, "_notes": notes}
+        out = {"rps": rps, "_notes": notes, "machine_us": machine_cpu_us(m0, m1, reqs)}
         if bal is not None:
             out["cpu_us"] = (cpu1 - cpu0) * 1e6 / reqs
         return out
@@ -642,7 +650,9 @@ def s_redis(env, target, pipeline):
         # Time bound: a generous multiple of the planned duration (2 tests of about --seconds each).
         timeout = max(30, 8 * env.args.seconds)
         cpu0 = cpu_seconds(bal.pid) if bal else None
+        m0 = machine_snapshot()
         r = run(cmd, timeout=timeout)
+        m1 = machine_snapshot()
         cpu1 = cpu_seconds(bal.pid) if bal else None
         if r.returncode != 0:
             raise Failure(f"redis-benchmark exited {r.returncode}: {tail(r.stderr or r.stdout)}")
@@ -658,7 +668,7 @@ def s_redis(env, target, pipeline):
             raise Failure(f"redis-benchmark printed no GET and SET rates: {tail(r.stdout + r.stderr)}")
         if bal is not None and bal.poll() is not None:
             raise Failure(f"{target.name} exited ({bal.returncode}) during the run: {tail(env.procs.output(bal))}")
-        out = {"get": got["GET"], "set": got["SET"], "_notes": []}
+        out = {"get": got["GET"], "set": got["SET"], "_notes": [], "machine_us": machine_cpu_us(m0, m1, 2 * n)}
         if bal is not None:
             out["cpu_us"] = (cpu1 - cpu0) * 1e6 / (2 * n)
         return out
@@ -812,6 +822,7 @@ TABLES = [
     ("redis", "S7: redis-benchmark requests/s (GET and SET each)"),
     ("lat", "S4–S6: latency, memory per connection, CPU per GB"),
     ("cpu", "Balancer CPU per connection and per request (µs)"),
+    ("mcpu", "Machine CPU per connection and per request (µs): client, backend, balancer, kernel threads and softirq; other processes left out"),
     ("sc", "S8: balancer system calls per connection (strace)"),
 ]
 COLUMNS = [
@@ -838,6 +849,12 @@ COLUMNS = [
     ("cpu_req_t2", "per req, S3 -t2", False, "cpu"),
     ("cpu_r16", "per req, redis -P 16", False, "cpu"),
     ("cpu_r1", "per req, redis -P 1", False, "cpu"),
+    ("mcpu_conn_t1", "per conn, S2 -t1", False, "mcpu"),
+    ("mcpu_conn_t2", "per conn, S2 -t2", False, "mcpu"),
+    ("mcpu_req_t1", "per req, S3 -t1", False, "mcpu"),
+    ("mcpu_req_t2", "per req, S3 -t2", False, "mcpu"),
+    ("mcpu_r16", "per req, redis -P 16", False, "mcpu"),
+    ("mcpu_r1", "per req, redis -P 1", False, "mcpu"),
     ("sc_total", "total", False, "sc"),
 ] + [(f"sc_{k}", k, False, "sc") for k in SYSCALLS[:1]] + [("sc_accept4_eagain", "accept4 EAGAIN", False, "sc")] + [
     (f"sc_{k}", k, False, "sc") for k in SYSCALLS[1:]
@@ -874,7 +891,7 @@ def scenarios(env):
     def wrk(close, threads, key, cpu_key):
         def f(t):
             r = s_wrk(env, t, close, threads)
-            return {key: r["rps"], cpu_key: r.get("cpu_us"), "_notes": r["_notes"]}
+            return {key: r["rps"], cpu_key: r.get("cpu_us"), f"m{cpu_key}": r["machine_us"], "_notes": r["_notes"]}
 
         return f
 
@@ -883,7 +900,8 @@ def scenarios(env):
 
         def f(t):
             r = s_redis(env, t, pipeline)
-            return {f"{pre}_get": r["get"], f"{pre}_set": r["set"], f"cpu_{pre}": r.get("cpu_us"), "_notes": r["_notes"]}
+            return {f"{pre}_get": r["get"], f"{pre}_set": r["set"], f"cpu_{pre}": r.get("cpu_us"),
+                    f"mcpu_{pre}": r["machine_us"], "_notes": r["_notes"]}
 
         return f
 
@@ -902,12 +920,12 @@ def scenarios(env):
         Scenario("S1 iperf3 1 stream -R", iperf(1, True, "s1_1r"), ["s1_1r"]),
         Scenario("S1 iperf3 4 streams", iperf(4, False, "s1_4f"), ["s1_4f"]),
         Scenario("S1 iperf3 4 streams -R", iperf(4, True, "s1_4r"), ["s1_4r"]),
-        Scenario("S2 wrk -t1 Connection: close", wrk(True, 1, "s2_t1", "cpu_conn_t1"), ["s2_t1", "cpu_conn_t1"], ["cpu_conn_t1"]),
-        Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2", "cpu_conn_t2"), ["s2_t2", "cpu_conn_t2"], ["cpu_conn_t2"]),
-        Scenario("S3 wrk -t1 keep-alive", wrk(False, 1, "s3_t1", "cpu_req_t1"), ["s3_t1", "cpu_req_t1"], ["cpu_req_t1"]),
-        Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2", "cpu_req_t2"), ["s3_t2", "cpu_req_t2"], ["cpu_req_t2"]),
-        Scenario("S7 redis-benchmark -P 16", redis(16), ["r16_get", "r16_set", "cpu_r16"], ["cpu_r16"]),
-        Scenario("S7 redis-benchmark -P 1", redis(1), ["r1_get", "r1_set", "cpu_r1"], ["cpu_r1"]),
+        Scenario("S2 wrk -t1 Connection: close", wrk(True, 1, "s2_t1", "cpu_conn_t1"), ["s2_t1", "cpu_conn_t1", "mcpu_conn_t1"], ["cpu_conn_t1"]),
+        Scenario("S2 wrk -t2 Connection: close", wrk(True, 2, "s2_t2", "cpu_conn_t2"), ["s2_t2", "cpu_conn_t2", "mcpu_conn_t2"], ["cpu_conn_t2"]),
+        Scenario("S3 wrk -t1 keep-alive", wrk(False, 1, "s3_t1", "cpu_req_t1"), ["s3_t1", "cpu_req_t1", "mcpu_req_t1"], ["cpu_req_t1"]),
+        Scenario("S3 wrk -t2 keep-alive", wrk(False, 2, "s3_t2", "cpu_req_t2"), ["s3_t2", "cpu_req_t2", "mcpu_req_t2"], ["cpu_req_t2"]),
+        Scenario("S7 redis-benchmark -P 16", redis(16), ["r16_get", "r16_set", "cpu_r16", "mcpu_r16"], ["cpu_r16"]),
+        Scenario("S7 redis-benchmark -P 1", redis(1), ["r1_get", "r1_set", "cpu_r1", "mcpu_r1"], ["cpu_r1"]),
         Scenario("S4 latency_probe load", lat, ["s4_p50", "s4_p99", "s4_p999"]),
         Scenario("S5 latency_probe hold", mem, ["s5"], applies=lambda t: t.kind != "direct"),
         Scenario("S8 syscalls strace wrk Connection: close", lambda t: s_syscalls(env, t), sc_keys,
@@ -955,6 +973,41 @@ def cpu_snapshot():
     return now, busy, ours
 
 
+PF_KTHREAD = 0x00200000
+
+
+def machine_snapshot():
+    """(machine busy CPU seconds, {pid: CPU seconds} of the user-space processes that are not this script or its
+    descendants) for the machine-wide CPU per request: busy = user + nice + system + irq + softirq of
+    /proc/stat, so the softirq work of loopback TCP and the kernel threads a data path wakes (kworkers of a
+    sockmap splice) count, which the balancer's own /proc figures leave out."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    busy = sum(int(x) for x in fields[1:4] + fields[6:8]) / CLK_TCK
+    ours = set(proc_tree(os.getpid()))
+    foreign = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in ours:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            v = stat[stat.rindex(")") + 2 :].split()
+            if int(v[6]) & PF_KTHREAD:
+                continue
+            foreign[int(entry)] = (int(v[11]) + int(v[12])) / CLK_TCK
+        except (OSError, ValueError, IndexError):
+            continue
+    return busy, foreign
+
+
+def machine_cpu_us(before, after, work):
+    """Machine-wide CPU µs per unit of work between two snapshots, less foreign user-space processes (those alive
+    at both; kernel threads are counted as ours: loopback traffic is what wakes them)."""
+    foreign = sum(max(0.0, c - before[1][p]) for p, c in after[1].items() if p in before[1])
+    return max(0.0, (after[0] - before[0]) - foreign) * 1e6 / work
+
+
 def foreign_cores(before, after):
     dt = after[0] - before[0]
     if dt <= 0:
@@ -969,7 +1022,7 @@ def foreign_cores(before, after):
 def fmt(v, key):
     if v is None:
         return "n/a"
-    if key.startswith("s1") or key in ("s5", "s6") or key.startswith("cpu") or key.startswith("sc_"):
+    if key.startswith("s1") or key in ("s5", "s6") or key.startswith(("cpu", "mcpu")) or key.startswith("sc_"):
         return f"{v:.2f}"
     if key.startswith(("s2", "s3", "r1", "r16")):
         return f"{v:,.0f}"
