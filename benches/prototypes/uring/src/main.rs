@@ -4,6 +4,7 @@
 //! ```text
 //! uring-forward --listen ADDR --backend ADDR [--threads N] --mode uring|epoll
 //!               [--buf BYTES] [--setup defer|coop|plain] [--direct] [--entries N]
+//!               [--recv single|multi] [--bufs N]
 //! ```
 //!
 //! N threads, each with its own `SO_REUSEPORT` listener (TCP_NODELAY set on it, inherited by the accepted
@@ -47,11 +48,16 @@ pub struct Options {
     pub setup: Setup,
     pub direct: bool,
     pub entries: u32,
+    /// `--recv multi`: multishot recvs into a provided-buffer ring instead of one recv per buffer.
+    pub recv_multi: bool,
+    /// `--bufs`: buffers in that ring, per thread.
+    pub bufs: u16,
 }
 
 const USAGE: &str =
     "usage: uring-forward --listen ADDR --backend ADDR [--threads N] --mode uring|epoll \
-                     [--buf BYTES] [--setup defer|coop|plain] [--direct] [--entries N]";
+                     [--buf BYTES] [--setup defer|coop|plain] [--direct] [--entries N] \
+                     [--recv single|multi] [--bufs N]";
 
 fn parse() -> Result<(Mode, Options), String> {
     let mut args = std::env::args().skip(1);
@@ -64,6 +70,8 @@ fn parse() -> Result<(Mode, Options), String> {
         setup: Setup::Defer,
         direct: false,
         entries: 4096,
+        recv_multi: false,
+        bufs: 1024,
     };
     while let Some(flag) = args.next() {
         if flag == "--direct" {
@@ -80,6 +88,14 @@ fn parse() -> Result<(Mode, Options), String> {
             "--threads" => o.threads = value.parse().map_err(|e| bad(&e))?,
             "--buf" => o.buf = value.parse().map_err(|e| bad(&e))?,
             "--entries" => o.entries = value.parse().map_err(|e| bad(&e))?,
+            "--bufs" => o.bufs = value.parse().map_err(|e| bad(&e))?,
+            "--recv" => {
+                o.recv_multi = match value.as_str() {
+                    "single" => false,
+                    "multi" => true,
+                    _ => return Err(bad(&"want single or multi")),
+                }
+            }
             "--mode" => {
                 mode = Some(match value.as_str() {
                     "uring" => Mode::Uring,
@@ -109,6 +125,9 @@ fn parse() -> Result<(Mode, Options), String> {
     }
     if !(8..=32768).contains(&o.entries) || !o.entries.is_power_of_two() {
         return Err("--entries must be a power of two in 8..=32768".into());
+    }
+    if !(16..=32768).contains(&o.bufs) || !o.bufs.is_power_of_two() {
+        return Err("--bufs must be a power of two in 16..=32768".into());
     }
     Ok((mode, o))
 }

@@ -18,9 +18,11 @@
 //! ring is only dropped when `run` returns, and then the `Worker` (and every buffer) is leaked on purpose
 //! (`mem::forget`) since requests may still be in flight.
 
+use std::collections::VecDeque;
 use std::io;
 use std::mem;
 use std::os::fd::IntoRawFd;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use socket2::{SockAddr, Socket};
@@ -72,12 +74,133 @@ static RETRY: types::Timespec = types::Timespec::new().nsec(10_000_000);
 
 #[derive(Default)]
 struct Dir {
-    /// Bytes of this direction's half of the buffer not yet sent: `sent..len`.
+    /// Bytes of the buffer being sent not yet sent: `sent..len` (single recv: this direction's half of
+    /// the connection's buffer; multishot: the front of `queue`, whose length is there).
     sent: usize,
     len: usize,
     /// The EOF was read.
     ended: bool,
+    /// Its FIN was passed on with `shutdown`.
+    fin: bool,
+    /// Multishot recv: buffers received and not yet all sent (buffer id, length), in order.
+    queue: VecDeque<(u16, u32)>,
+    /// Multishot recv: one is in flight.
+    armed: bool,
+    /// Multishot recv: a cancel was asked for because `queue` is long.
+    pausing: bool,
+    /// Multishot recv: waiting for buffers (the last one ended with ENOBUFS).
+    starving: bool,
+    /// Multishot recv: a send of the front of `queue` is in flight.
+    sending: bool,
 }
+
+impl Dir {
+    /// Ended, and every byte read was sent.
+    fn drained(&self) -> bool {
+        self.ended && !self.sending && self.queue.is_empty()
+    }
+}
+
+/// Most multishot buffers queued one way before that direction stops reading. The ring is shared by all
+/// of the thread's connections: a direction holding many could starve the other direction of the same
+/// connection, whose progress its own sends may wait for.
+const MAX_QUEUED: usize = 4;
+
+/// The few SQEs one completion leads to, gathered while the connection is borrowed.
+#[derive(Default)]
+struct Sqes {
+    v: [Option<squeue::Entry>; 6],
+    n: usize,
+}
+
+impl Sqes {
+    fn push(&mut self, e: squeue::Entry) {
+        // At most 4 are made per completion (cancel, send, two shutdowns): 6 slots never fill.
+        if let Some(slot) = self.v.get_mut(self.n) {
+            *slot = Some(e);
+            self.n += 1;
+        }
+    }
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn take(&mut self) -> impl Iterator<Item = squeue::Entry> + '_ {
+        self.v.iter_mut().filter_map(Option::take)
+    }
+}
+
+/// A provided-buffer ring (`IORING_REGISTER_PBUF_RING`): `count` buffers of `size` bytes that multishot
+/// recvs pick from; each goes back once its bytes are sent.
+struct BufRing {
+    /// `count` entries of 16 bytes, page-aligned (mmap), shared with the kernel; the tail is the last
+    /// two bytes of entry 0.
+    ring: *mut types::BufRingEntry,
+    mask: u16,
+    tail: u16,
+    size: usize,
+    bufs: Box<[u8]>,
+}
+
+impl BufRing {
+    fn new(uring: &IoUring, count: u16, size: usize) -> io::Result<Self> {
+        let bytes = usize::from(count) * mem::size_of::<types::BufRingEntry>();
+        // SAFETY: an anonymous private mapping; no existing memory is touched.
+        let ring = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+                -1,
+                0,
+            )
+        };
+        if ring == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the mapping is page-aligned, `count` entries long and never unmapped (the `Worker`
+        // holding it is leaked, see the module doc), so it stays valid for as long as the ring uses it.
+        unsafe {
+            uring
+                .submitter()
+                .register_buf_ring_with_flags(ring as u64, count, BGID, 0)?;
+        }
+        let mut b = BufRing {
+            ring: ring.cast(),
+            mask: count - 1,
+            tail: 0,
+            size,
+            bufs: vec![0u8; usize::from(count) * size].into_boxed_slice(),
+        };
+        for bid in 0..count {
+            b.give(bid);
+        }
+        Ok(b)
+    }
+
+    fn addr(&self, bid: u16) -> *const u8 {
+        self.bufs[usize::from(bid) * self.size..].as_ptr()
+    }
+
+    /// Hands buffer `bid` (back) to the kernel.
+    fn give(&mut self, bid: u16) {
+        let addr = self.addr(bid) as u64;
+        // SAFETY: `tail & mask` is below `count`, so the entry is inside the mapping; the kernel only
+        // reads entries between its head and our tail, and this one is past the tail until the store
+        // below publishes it. The tail field is the `resv` of entry 0, which the setters do not touch.
+        unsafe {
+            let e = &mut *self.ring.add(usize::from(self.tail & self.mask));
+            e.set_addr(addr);
+            e.set_len(self.size as u32);
+            e.set_bid(bid);
+            self.tail = self.tail.wrapping_add(1);
+            let tail = types::BufRingEntry::tail(self.ring).cast_mut();
+            (*tail.cast::<AtomicU16>()).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+const BGID: u16 = 0;
 
 struct Conn {
     client: Fd,
@@ -89,6 +212,8 @@ struct Conn {
     ops: u32,
     /// A failure was seen: cancel what is in flight, then reset both.
     aborting: bool,
+    /// The backend connection is established.
+    connected: bool,
 }
 
 struct Worker {
@@ -100,6 +225,12 @@ struct Worker {
     conns: Vec<Option<Conn>>,
     free: Vec<u32>,
     pool: Vec<Box<[u8]>>,
+    /// `--recv multi`: the provided buffers of this thread's multishot recvs.
+    bufs: Option<BufRing>,
+    /// Directions whose multishot recv ended for want of buffers, to re-arm once some come back.
+    starving: Vec<(u32, u8)>,
+    /// Buffers were given back since `starving` was last looked at.
+    returned: bool,
 }
 
 pub fn run(sock: Socket, o: &Options) -> io::Result<()> {
@@ -121,6 +252,11 @@ pub fn run(sock: Socket, o: &Options) -> io::Result<()> {
         let slots = (crate::nofile() / 2).clamp(64, 1 << 20) as u32;
         ring.submitter().register_files_sparse(slots)?;
     }
+    let bufs = if o.recv_multi {
+        Some(BufRing::new(&ring, o.bufs, o.buf)?)
+    } else {
+        None
+    };
     let mut w = Worker {
         ring,
         listener: sock.into_raw_fd(),
@@ -130,6 +266,9 @@ pub fn run(sock: Socket, o: &Options) -> io::Result<()> {
         conns: Vec::new(),
         free: Vec::new(),
         pool: Vec::new(),
+        bufs,
+        starving: Vec::new(),
+        returned: false,
     };
     let r = w.serve();
     // In-flight requests may still point into the buffers: never free them (see the module doc).
@@ -184,6 +323,10 @@ impl Worker {
             for &(user, res, flags) in &batch {
                 self.complete(user, res, flags)?;
             }
+            if self.returned && !self.starving.is_empty() {
+                self.feed_starving()?;
+            }
+            self.returned = false;
         }
     }
 
@@ -223,7 +366,7 @@ impl Worker {
             }
             RETRY_ACCEPT => self.arm_accept(),
             IGNORE => Ok(()),
-            _ => self.conn_event(idx, tag, res),
+            _ => self.conn_event(idx, tag, res, flags),
         }
     }
 
@@ -239,6 +382,7 @@ impl Worker {
             dir: [Dir::default(), Dir::default()],
             ops: 1,
             aborting: false,
+            connected: false,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -261,20 +405,66 @@ impl Worker {
         self.push(e.build().user_data(ud(idx, SOCKET)))
     }
 
-    fn conn_event(&mut self, idx: u32, tag: u64, res: i32) -> io::Result<()> {
+    fn conn_event(&mut self, idx: u32, tag: u64, res: i32, flags: u32) -> io::Result<()> {
         let half = self.half;
         let direct = self.direct;
+        let multi = self.bufs.is_some();
         let addr_ptr = self.backend.as_ptr();
         let addr_len = self.backend.len();
         let Some(c) = self.conns.get_mut(idx as usize).and_then(Option::as_mut) else {
             return Ok(());
         };
-        c.ops -= 1;
+        let is_recv = tag == RECV || tag == RECV + 1;
+        // A multishot recv stays in flight while its completions say "more".
+        if !(is_recv && cqueue::more(flags)) {
+            c.ops -= 1;
+        }
         let was_aborting = c.aborting;
-        let mut sqes: [Option<squeue::Entry>; 2] = [None, None];
+        let mut sqes = Sqes::default();
+        let mut returned: [Option<u16>; 2] = [None, None];
         if c.aborting {
-            // Only waiting for what is in flight to come back.
-        } else if (res < 0 && tag != CANCEL) || (res == 0 && (tag == SEND || tag == SEND + 1)) {
+            // Only waiting for what is in flight to come back; hand back any buffer that came with it.
+            if is_recv && multi {
+                returned[0] = cqueue::buffer_select(flags);
+            }
+        } else if tag == CANCEL || tag == NODELAY || tag == SHUT || tag == SHUT + 1 {
+            if res < 0 && tag != CANCEL {
+                c.aborting = true;
+            }
+        } else if is_recv && multi {
+            let d = (tag - RECV) as usize;
+            let dir = &mut c.dir[d];
+            if !cqueue::more(flags) {
+                dir.armed = false;
+            }
+            match res {
+                n if n > 0 => match cqueue::buffer_select(flags) {
+                    Some(bid) => {
+                        dir.queue.push_back((bid, n as u32));
+                        if dir.queue.len() >= MAX_QUEUED && dir.armed && !dir.pausing {
+                            // The far side is slow: stop reading this way until the queue drains.
+                            dir.pausing = true;
+                            sqes.push(
+                                opcode::AsyncCancel::new(ud(idx, tag))
+                                    .build()
+                                    .user_data(ud(idx, CANCEL)),
+                            );
+                        }
+                        if !dir.sending {
+                            sqes.push(send_multi(c, idx, d, self.bufs.as_ref()));
+                        }
+                    }
+                    None => c.aborting = true,
+                },
+                0 => dir.ended = true,
+                e if e == -libc::ENOBUFS => {
+                    dir.starving = true;
+                    self.starving.push((idx, d as u8));
+                }
+                e if e == -libc::ECANCELED && dir.pausing => {}
+                _ => c.aborting = true,
+            }
+        } else if res < 0 || (res == 0 && (tag == SEND || tag == SEND + 1)) {
             c.aborting = true;
         } else {
             match tag {
@@ -285,7 +475,7 @@ impl Worker {
                         Fd::Raw(res)
                     };
                     c.backend = Some(fd);
-                    sqes[0] = Some(
+                    sqes.push(
                         on_fd!(fd, |t| opcode::SetSockOpt::new(
                             t,
                             libc::IPPROTO_TCP as u32,
@@ -297,54 +487,91 @@ impl Worker {
                         .flags(squeue::Flags::IO_LINK)
                         .user_data(ud(idx, NODELAY)),
                     );
-                    sqes[1] = Some(
+                    sqes.push(
                         on_fd!(fd, |t| opcode::Connect::new(t, addr_ptr.cast(), addr_len)
                             .build())
                         .user_data(ud(idx, CONNECT)),
                     );
                 }
-                NODELAY | CANCEL => {}
                 CONNECT => {
-                    for (d, slot) in sqes.iter_mut().enumerate() {
-                        *slot = Some(recv_sqe(c, idx, d, half));
+                    c.connected = true;
+                    for d in 0..2 {
+                        sqes.push(recv_sqe(c, idx, d, half, multi));
                     }
                 }
                 t if t == RECV || t == RECV + 1 => {
                     let d = (t - RECV) as usize;
                     if res == 0 {
                         c.dir[d].ended = true;
-                        if !c.dir[1 - d].ended {
-                            let to = dest(c, d);
-                            sqes[0] = Some(
-                                on_fd!(to, |t| opcode::Shutdown::new(t, libc::SHUT_WR).build())
-                                    .user_data(ud(idx, SHUT + d as u64)),
-                            );
-                        }
                     } else {
                         c.dir[d].sent = 0;
                         c.dir[d].len = res as usize;
-                        sqes[0] = Some(send_sqe(c, idx, d, half));
+                        sqes.push(send_sqe(c, idx, d, half));
+                    }
+                }
+                t if (t == SEND || t == SEND + 1) && multi => {
+                    let d = (t - SEND) as usize;
+                    let dir = &mut c.dir[d];
+                    dir.sent += res as usize;
+                    let (bid, len) = dir.queue.front().copied().unwrap_or((0, 0));
+                    if dir.sent < len as usize {
+                        sqes.push(send_multi(c, idx, d, self.bufs.as_ref()));
+                    } else {
+                        dir.queue.pop_front();
+                        dir.sent = 0;
+                        returned[0] = Some(bid);
+                        if dir.queue.is_empty() {
+                            dir.sending = false;
+                        } else {
+                            sqes.push(send_multi(c, idx, d, self.bufs.as_ref()));
+                        }
                     }
                 }
                 t if t == SEND || t == SEND + 1 => {
                     let d = (t - SEND) as usize;
                     c.dir[d].sent += res as usize;
-                    sqes[0] = Some(if c.dir[d].sent < c.dir[d].len {
+                    sqes.push(if c.dir[d].sent < c.dir[d].len {
                         send_sqe(c, idx, d, half)
                     } else {
-                        recv_sqe(c, idx, d, half)
+                        recv_sqe(c, idx, d, half, false)
                     });
                 }
-                _ => {} // SHUT: nothing more this way
+                _ => {}
             }
         }
-        let n = sqes.iter().flatten().count() as u32;
-        c.ops += n;
+        // Multishot: a direction not reading (its recv ended for want of nothing, was paused, or got
+        // buffers back after ENOBUFS) reads again once its queue is short.
+        if multi && c.connected && !c.aborting {
+            for d in 0..2 {
+                let dir = &c.dir[d];
+                if !dir.armed && !dir.ended && !dir.starving && dir.queue.len() < MAX_QUEUED {
+                    sqes.push(recv_sqe(c, idx, d, half, true));
+                }
+            }
+        }
+        // A direction whose EOF was read and whose bytes are all sent passes its FIN on, unless the other
+        // direction is done too: then the close sends both.
+        if !c.aborting {
+            for d in 0..2 {
+                if c.dir[d].drained() && !c.dir[d].fin && !c.dir[1 - d].drained() {
+                    c.dir[d].fin = true;
+                    let to = dest(c, d);
+                    sqes.push(
+                        on_fd!(to, |t| opcode::Shutdown::new(t, libc::SHUT_WR).build())
+                            .user_data(ud(idx, SHUT + d as u64)),
+                    );
+                }
+            }
+        }
+        c.ops += sqes.len() as u32;
         let (ops, aborting) = (c.ops, c.aborting);
-        let both_ended = c.dir[0].ended && c.dir[1].ended;
+        let both_ended = c.dir[0].drained() && c.dir[1].drained();
         let just_aborted = aborting && !was_aborting && ops > 0;
-        for e in sqes.into_iter().flatten() {
+        for e in sqes.take() {
             self.push(e)?;
+        }
+        for bid in returned.into_iter().flatten() {
+            self.give_back(bid);
         }
         if just_aborted {
             // Cancel whatever else is in flight on either socket; its completions come back as errors.
@@ -352,6 +579,37 @@ impl Worker {
         }
         if ops == 0 && (aborting || both_ended) {
             self.finish(idx, aborting)?;
+        }
+        Ok(())
+    }
+
+    fn give_back(&mut self, bid: u16) {
+        if let Some(b) = self.bufs.as_mut() {
+            b.give(bid);
+            self.returned = true;
+        }
+    }
+
+    /// Re-arms the multishot recvs that ran out of buffers.
+    fn feed_starving(&mut self) -> io::Result<()> {
+        let half = self.half;
+        for (idx, d) in mem::take(&mut self.starving) {
+            let d = usize::from(d);
+            let Some(c) = self.conns.get_mut(idx as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            let dir = &c.dir[d];
+            if c.aborting || !c.connected || !dir.starving || dir.armed || dir.ended {
+                continue;
+            }
+            c.dir[d].starving = false;
+            if c.dir[d].queue.len() >= MAX_QUEUED {
+                // Its next send completion re-arms it.
+                continue;
+            }
+            c.ops += 1;
+            let e = recv_sqe(c, idx, d, half, true);
+            self.push(e)?;
         }
         Ok(())
     }
@@ -384,6 +642,11 @@ impl Worker {
         };
         self.free.push(idx);
         self.pool.push(c.buf);
+        for dir in &c.dir {
+            for &(bid, _) in &dir.queue {
+                self.give_back(bid);
+            }
+        }
         for fd in [Some(c.client), c.backend].into_iter().flatten() {
             if reset {
                 let e = on_fd!(fd, |t| opcode::SetSockOpt::new(
@@ -423,11 +686,34 @@ fn src(c: &Conn, d: usize) -> Fd {
     }
 }
 
-fn recv_sqe(c: &mut Conn, idx: u32, d: usize, half: usize) -> squeue::Entry {
-    let ptr = c.buf[d * half..].as_mut_ptr();
-    on_fd!(src(c, d), |t| opcode::Recv::new(t, ptr, half as u32)
+/// The next recv of direction `d`: into its half of the connection's buffer, or (`multi`) a multishot
+/// recv that picks provided buffers.
+fn recv_sqe(c: &mut Conn, idx: u32, d: usize, half: usize, multi: bool) -> squeue::Entry {
+    let e = if multi {
+        c.dir[d].armed = true;
+        c.dir[d].pausing = false;
+        on_fd!(src(c, d), |t| opcode::RecvMulti::new(t, BGID).build())
+    } else {
+        let ptr = c.buf[d * half..].as_mut_ptr();
+        on_fd!(src(c, d), |t| opcode::Recv::new(t, ptr, half as u32)
+            .build())
+    };
+    e.user_data(ud(idx, RECV + d as u64))
+}
+
+/// Sends the rest of the front buffer of direction `d`'s queue (multishot recv).
+fn send_multi(c: &mut Conn, idx: u32, d: usize, bufs: Option<&BufRing>) -> squeue::Entry {
+    let dir = &mut c.dir[d];
+    dir.sending = true;
+    let (bid, len) = dir.queue.front().copied().unwrap_or((0, 0));
+    let sent = dir.sent;
+    let ptr = bufs
+        .map_or(std::ptr::null(), |b| b.addr(bid))
+        .wrapping_add(sent);
+    on_fd!(dest(c, d), |t| opcode::Send::new(t, ptr, len - sent as u32)
+        .flags(libc::MSG_NOSIGNAL)
         .build())
-    .user_data(ud(idx, RECV + d as u64))
+    .user_data(ud(idx, SEND + d as u64))
 }
 
 fn send_sqe(c: &mut Conn, idx: u32, d: usize, half: usize) -> squeue::Entry {

@@ -17,6 +17,11 @@ const MODES: &[&[&str]] = &[
     &["--mode", "uring", "--direct"],
     &["--mode", "uring", "--setup", "coop"],
     &["--mode", "uring", "--setup", "plain", "--buf", "4096"],
+    &["--mode", "uring", "--recv", "multi"],
+    // A small buffer ring: multishot recvs run out of buffers (ENOBUFS) and pause on long queues.
+    &[
+        "--mode", "uring", "--recv", "multi", "--direct", "--bufs", "16", "--buf", "4096",
+    ],
 ];
 
 struct Forwarder {
@@ -149,7 +154,8 @@ fn echo_20_mib_byte_exact() {
         });
         let start = Instant::now();
         let mut got = Vec::with_capacity(data.len());
-        (&s).read_to_end(&mut got).expect("read the echo to EOF");
+        (&s).read_to_end(&mut got)
+            .unwrap_or_else(|e| panic!("{mode:?}: read the echo to EOF: {e}"));
         writer.join().unwrap().expect("write 20 MiB");
         assert!(start.elapsed() < DEADLINE, "{mode:?}: took too long");
         assert_eq!(got.len(), data.len(), "{mode:?}: length");
@@ -169,7 +175,7 @@ fn half_close_still_gets_the_answer() {
         s.shutdown(Shutdown::Write).unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got)
-            .expect("the answer, then a clean EOF");
+            .unwrap_or_else(|e| panic!("{mode:?}: the answer, then a clean EOF: {e}"));
         assert!(
             got == want,
             "{mode:?}: answer differs ({} bytes)",
