@@ -121,6 +121,7 @@ pub mod pool;
 mod proxy;
 mod server;
 pub mod signal;
+mod trigger;
 
 pub use backend::{
     AdminState, BackendError, BackendEvent, BackendEvents, BackendId, BackendStats, DrainReport,

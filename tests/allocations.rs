@@ -98,6 +98,12 @@ fn a_connection_costs_four_allocations() {
     let per_conn = (through - direct) as f64 / N as f64;
     let bytes_per_conn = bytes as f64 / N as f64;
     eprintln!("{per_conn:.2} allocations, {bytes_per_conn:.0} bytes per connection");
-    assert!(per_conn <= 4.1, "{per_conn:.2} allocations per connection, 4 expected");
-    assert!(bytes_per_conn <= 3072.0, "{bytes_per_conn:.0} bytes allocated per connection");
+    assert!(
+        per_conn <= 4.1,
+        "{per_conn:.2} allocations per connection, 4 expected"
+    );
+    assert!(
+        bytes_per_conn <= 3072.0,
+        "{bytes_per_conn:.0} bytes allocated per connection"
+    );
 }

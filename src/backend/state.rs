@@ -28,6 +28,7 @@ use crate::clock::now_ms;
 use crate::config::BackendConfig;
 use crate::config::OnDown;
 use crate::metrics::BackendMetrics;
+use crate::trigger::Trigger;
 
 /// Set in [`Backend::admin`] once the backend has left its service (it drains, then is forgotten).
 const REMOVED: u8 = 0x80;
@@ -80,8 +81,8 @@ pub(crate) struct Backend {
     idle: Notify,
     /// The service's wait queue, told when this backend frees a slot under its cap.
     queue: Arc<WaitQueue>,
-    /// Cancelled to reset every connection open on this backend; replaced by a fresh one each time.
-    cut: ArcSwap<CancellationToken>,
+    /// Fired to reset every connection open on this backend; replaced by a fresh one each time.
+    cut: ArcSwap<Trigger>,
     /// The parent of every `cut` token: the balancer's hard stop.
     stop: CancellationToken,
     events: EventSender,
@@ -152,7 +153,7 @@ impl Backend {
             metrics,
             idle: Notify::new(),
             queue,
-            cut: ArcSwap::from_pointee(stop.child_token()),
+            cut: ArcSwap::from_pointee(Trigger::new(stop.child_token())),
             stop: stop.clone(),
             events,
         }
@@ -304,19 +305,21 @@ impl Backend {
         Who(self)
     }
 
-    /// A token cancelled when this backend's connections are to be reset (by the operator, or by the
-    /// balancer's hard stop).
-    pub(crate) fn cut_token(&self) -> CancellationToken {
-        (**self.cut.load()).clone()
+    /// A trigger fired when this backend's connections are to be reset by the operator; its token is
+    /// also cancelled by the balancer's hard stop (its parent).
+    pub(crate) fn cut_trigger(&self) -> Arc<Trigger> {
+        self.cut.load_full()
     }
 
     /// Resets every connection open on this backend now. Later ones are not affected, unless the backend
     /// has been removed: then every connection that still reaches it (a connect in progress) is reset too.
     pub(crate) fn cut_connections(&self) {
         if self.is_removed() {
-            self.cut.load().cancel();
+            self.cut.load().fire();
         } else {
-            self.cut.swap(Arc::new(self.stop.child_token())).cancel();
+            self.cut
+                .swap(Arc::new(Trigger::new(self.stop.child_token())))
+                .fire();
         }
     }
 
@@ -771,13 +774,10 @@ mod tests {
     #[test]
     fn cut_cancels_only_the_connections_open_now() {
         let b = backend();
-        let open = b.cut_token();
+        let open = b.cut_trigger();
         b.cut_connections();
-        assert!(open.is_cancelled());
-        assert!(
-            !b.cut_token().is_cancelled(),
-            "later connections are not cut"
-        );
+        assert!(open.is_fired() && open.token().is_cancelled());
+        assert!(!b.cut_trigger().is_fired(), "later connections are not cut");
     }
 
     /// Once a back-off is over, one connection claims the backend (the half-open trial); the others are

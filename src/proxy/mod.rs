@@ -45,6 +45,7 @@ use crate::clock::OncePerSecond;
 use crate::config::{BalancerConfig, CopyMode};
 use crate::edge::{AcceptProxy, Acl, Limiter, ProxyVersion};
 use crate::metrics::GlobalMetrics;
+use crate::trigger::Trigger;
 
 /// The settings of the data path, taken from the [`BalancerConfig`].
 #[derive(Debug, Clone)]
@@ -99,8 +100,9 @@ pub(crate) struct Context {
     pub(crate) settings: Settings,
     pub(crate) backends: Arc<Registry>,
     pub(crate) metrics: GlobalMetrics,
-    /// Fired at the drain deadline: connections still open are reset.
-    pub(crate) hard_stop: CancellationToken,
+    /// Fired at the drain deadline: connections still open are reset. Its token is the parent of every
+    /// backend's cut token.
+    pub(crate) hard_stop: Trigger,
     /// Opens for the warning of a client that could not be carried, once a second at most.
     refusal_log: OncePerSecond,
 }
@@ -111,6 +113,7 @@ impl Context {
         backends: Arc<Registry>,
         hard_stop: CancellationToken,
     ) -> Self {
+        let hard_stop = Trigger::new(hard_stop);
         Context {
             settings,
             backends,
@@ -128,7 +131,7 @@ impl Context {
 
     /// Why a connection's cut token fired: the hard stop, or a reset of its backend's connections.
     fn cut_reason(&self) -> End {
-        if self.hard_stop.is_cancelled() {
+        if self.hard_stop.is_fired() {
             End::DrainDeadline
         } else {
             End::Cut
@@ -155,7 +158,7 @@ pub(crate) async fn serve_connection(
     if ctx.settings.accept_proxy.is_some() || ctx.settings.send_proxy.is_some() {
         let front = tokio::select! {
             f = Box::pin(front::admit(&ctx, &mut client, peer)) => f,
-            () = ctx.hard_stop.cancelled() => None,
+            () = ctx.hard_stop.token().cancelled() => None,
         };
         let Some(front) = front else {
             abort(&client);
@@ -181,7 +184,7 @@ pub(crate) async fn serve_connection(
     let mut tried = Vec::new();
     let connected = tokio::select! {
         c = connect::connect(&ctx, peer, &hello, &mut tried) => c,
-        () = ctx.hard_stop.cancelled() => None,
+        () = ctx.hard_stop.token().cancelled() => None,
     };
     let Some((backend, guard)) = connected else {
         abort(&client);
@@ -213,15 +216,17 @@ pub(crate) async fn serve_connection(
     };
     // Cancelled by the balancer's hard stop (the drain deadline), or to reset this backend's
     // connections (a removal's deadline, the operator).
-    let cut = guard.backend().cut_token();
+    // Polled on every wake-up of this task: a `Trigger` reads two flags instead of the tokens' locks.
+    let trigger = guard.backend().cut_trigger();
+    let cut = trigger.wait(&ctx.hard_stop);
     let end = match ctx.settings.copy_mode {
         CopyMode::Plain => tokio::select! {
             end = plain::copy(&mut client, &mut backend, guard.backend(), &counts) => end,
-            () = cut.cancelled() => ctx.cut_reason(),
+            () = cut => ctx.cut_reason(),
         },
         _ => tokio::select! {
             end = duplex::splice(&ctx, &mut client, &mut backend, guard.backend(), &counts, client_ended) => end,
-            () = cut.cancelled() => ctx.cut_reason(),
+            () = cut => ctx.cut_reason(),
         },
     };
     if !matches!(end, End::Closed) {

@@ -83,9 +83,11 @@ impl<'a> Pump<'a> {
         let splice_on_bulk = splicing && mode == CopyMode::Auto;
         let mut spliced = splicing && mode == CopyMode::Splice;
         loop {
-            // Wait with no buffer or pipe held: an idle connection costs neither.
-            self.from
-                .readable()
+            // Wait with no buffer or pipe held: an idle connection costs neither. `poll_read_ready` keeps
+            // the task's waker in the socket's one reader slot, where the burst's last `poll_read` left it;
+            // `readable()` would queue a waiter in the socket's list and take it out again, every burst.
+            let from = self.from.as_ref();
+            std::future::poll_fn(|cx| from.poll_read_ready(cx))
                 .await
                 .map_err(|e| End::ReadFailed(self.source_side(), e))?;
             #[cfg(target_os = "linux")]
@@ -117,8 +119,8 @@ impl<'a> Pump<'a> {
                 Burst::Ended => return self.forward_eof().await,
                 Burst::Bulk => spliced = true,
                 // `poll_read` also says "not ready" when this task has used up its cooperative budget,
-                // and then `readable()` would answer at once: yield here when the budget is gone, or we
-                // would spin.
+                // and then `poll_read_ready` would answer at once: yield here when the budget is gone, or
+                // we would spin.
                 Burst::Drained => tokio::task::consume_budget().await,
             }
         }

@@ -41,7 +41,7 @@ pub(super) async fn until_answered(
     loop {
         let went_away = tokio::select! {
             biased;
-            () = ctx.hard_stop.cancelled() => {
+            () = ctx.hard_stop.token().cancelled() => {
                 abort(&backend);
                 return Err(End::DrainDeadline);
             }
@@ -113,7 +113,7 @@ pub(super) async fn until_answered(
         tried.push(failed);
         let connected = tokio::select! {
             c = connect(ctx, peer, hello, &mut tried) => c,
-            () = ctx.hard_stop.cancelled() => return Err(End::DrainDeadline),
+            () = ctx.hard_stop.token().cancelled() => return Err(End::DrainDeadline),
         };
         (backend, guard) = connected.ok_or(End::NoAnswer)?;
         let mut tally = Tally::to_backend(&counts.to_backend, guard.backend());

@@ -21,7 +21,7 @@ pub(crate) async fn drain(shared: &Shared) -> ShutdownReport {
             forced,
             "drain deadline passed; closing the connections still open"
         );
-        shared.ctx.hard_stop.cancel();
+        shared.ctx.hard_stop.fire();
         shared.tracker.wait().await;
     }
     tracing::info!(in_flight, forced, "balancer stopped");

@@ -67,7 +67,7 @@ impl BalancerHandle {
     /// reset, never a clean end that could pass for a complete stream), as at the drain deadline.
     pub fn force_shutdown(&self) {
         self.shared.shutdown.cancel();
-        self.shared.ctx.hard_stop.cancel();
+        self.shared.ctx.hard_stop.fire();
     }
 
     /// True once a shutdown has begun.

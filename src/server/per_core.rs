@@ -161,7 +161,7 @@ impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.shared.shutdown.cancel();
-            self.shared.ctx.hard_stop.cancel();
+            self.shared.ctx.hard_stop.fire();
             self.shared.tracker.close();
         }
     }
