@@ -44,6 +44,8 @@ impl Trigger {
         self.fired.load(Ordering::Acquire)
     }
 
+    /// The token, to wait on or to make children of. Never cancel it directly: [`fire`](Self::fire)
+    /// does, after setting the flag that [`wait`](Self::wait) reads.
     pub(crate) fn token(&self) -> &CancellationToken {
         &self.token
     }

@@ -214,9 +214,8 @@ pub(crate) async fn serve_connection(
             }
         }
     };
-    // Cancelled by the balancer's hard stop (the drain deadline), or to reset this backend's
-    // connections (a removal's deadline, the operator).
-    // Polled on every wake-up of this task: a `Trigger` reads two flags instead of the tokens' locks.
+    // Fired by the balancer's hard stop (the drain deadline), or to reset this backend's connections (a
+    // removal's deadline, the operator). Polled on every wake-up of this task: it reads two flags.
     let trigger = guard.backend().cut_trigger();
     let cut = trigger.wait(&ctx.hard_stop);
     let end = match ctx.settings.copy_mode {
