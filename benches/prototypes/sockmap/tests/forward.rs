@@ -290,17 +290,31 @@ fn small_exchanges(extra: &[&str]) {
     }
 }
 
+/// Backend side of `exchange_words`: echoes `n` 4-byte words; false once the client has gone.
+fn echo_words(s: &mut TcpStream, n: usize) -> bool {
+    let mut buf = [0u8; 4];
+    (0..n).all(|_| s.read_exact(&mut buf).is_ok() && s.write_all(&buf).is_ok())
+}
+
+/// Client side: sends the words 0..n one at a time, each checked in its echo before the next, so that
+/// the program has taken the connection over by the end.
+fn exchange_words(s: &mut TcpStream, n: u32) {
+    let mut buf = [0u8; 4];
+    for i in 0..n {
+        s.write_all(&i.to_le_bytes()).expect("write");
+        s.read_exact(&mut buf).expect("echo");
+        assert_eq!(u32::from_le_bytes(buf), i);
+    }
+}
+
 /// A half-close once the program carries the connection: a few echoed exchanges, then the client sends
 /// its request and half-closes; the backend answers (1 MiB) only after that EOF: the FIN may reach the
 /// backend only after every redirected byte, and the answer comes back whole, then EOF.
 #[test]
 fn client_half_close_after_the_hand_over() {
     fn exchanges_then_answer_after_eof(mut s: TcpStream) {
-        let mut buf = [0u8; 4];
-        for _ in 0..20 {
-            if s.read_exact(&mut buf).is_err() || s.write_all(&buf).is_err() {
-                return;
-            }
+        if !echo_words(&mut s, 20) {
+            return;
         }
         let mut req = Vec::new();
         if s.read_to_end(&mut req).is_err() {
@@ -314,12 +328,7 @@ fn client_half_close_after_the_hand_over() {
     for mode in MODES {
         let f = Forwarder::start(mode, be, &[]);
         let mut s = f.connect();
-        let mut buf = [0u8; 4];
-        for i in 0..20u32 {
-            s.write_all(&i.to_le_bytes()).expect("write");
-            s.read_exact(&mut buf).expect("echo");
-            assert_eq!(u32::from_le_bytes(buf), i);
-        }
+        exchange_words(&mut s, 20);
         let req = random_bytes(300_000, 5);
         s.write_all(&req).expect("write");
         s.shutdown(Shutdown::Write).expect("shutdown");
@@ -410,12 +419,10 @@ fn client_half_close_still_gets_the_answer() {
 #[test]
 fn backend_reset_reaches_the_client_as_a_reset() {
     fn echo_then_reset(mut s: TcpStream) {
-        let mut buf = [0u8; 4];
-        for _ in 0..50 {
-            if s.read_exact(&mut buf).is_err() || s.write_all(&buf).is_err() {
-                return;
-            }
+        if !echo_words(&mut s, 50) {
+            return;
         }
+        let mut buf = [0u8; 4];
         if s.read_exact(&mut buf).is_err() {
             return;
         }
@@ -425,12 +432,8 @@ fn backend_reset_reaches_the_client_as_a_reset() {
     for mode in MODES {
         let f = Forwarder::start(mode, be, &[]);
         let mut s = f.connect();
+        exchange_words(&mut s, 50);
         let mut buf = [0u8; 4];
-        for i in 0..50u32 {
-            s.write_all(&i.to_le_bytes()).expect("write");
-            s.read_exact(&mut buf).expect("echo");
-            assert_eq!(u32::from_le_bytes(buf), i);
-        }
         s.write_all(b"bye!").expect("write");
         let r = s.read(&mut buf);
         match r {
