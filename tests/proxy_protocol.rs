@@ -583,6 +583,12 @@ async fn a_replayed_connect_sends_its_own_header_first() {
     );
     let want = [header.as_bytes(), b"request"].concat();
     assert_eq!(*dead_seen.lock().unwrap(), want, "the first backend");
+    // The header and the replayed bytes are two writes: the backend may answer the first before it has
+    // read the second (CI saw the header alone once), so wait for as many bytes as are wanted.
+    common::wait_until("the replayed bytes", Duration::from_secs(5), || {
+        alive_seen.lock().unwrap().1.len() >= want.len()
+    })
+    .await;
     assert_eq!(
         alive_seen.lock().unwrap().1,
         want,
